@@ -1,0 +1,1 @@
+"""DICOM in and out: listener adapters, spool, series geometry, volumes, selection, writers."""

@@ -1,0 +1,1 @@
+"""The RadFinder model: architecture, losses, training, evaluation, export, runtimes."""
