@@ -12,7 +12,7 @@ DEBIAN_TOOLS := dcmtk dicom3tools orthanc
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 

@@ -1,0 +1,283 @@
+"""Ingest throughput: storescu -> {dcmtk storescp, Orthanc, radfinder-node}, side by side.
+
+One generated 300-slice 512x512 CT series is sent by dcmtk's storescu over one association, then
+over 4 parallel associations (the files split in four), to each receiver in turn; every
+configuration runs ``--repeat`` times, interleaved, and the best time counts. All receivers get
+TCP_NODELAY=1 (Debian's dcmtk 3.6.7 and Orthanc 1.10 leave Nagle on otherwise) and a 128 KiB
+maximum PDU. radfinder-node runs as in production: durable spool (fsync), SQLite rows committed
+before each success status.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+PDU = 131072
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} never opened")
+
+
+class Receiver(abc.ABC):
+    name = ""
+    aet = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def count(self) -> int: ...
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+class Storescp(Receiver):
+    name, aet = "dcmtk storescp", "STORESCP"
+
+    def start(self) -> None:
+        out = self.workdir / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        self.out = out
+        self.proc = subprocess.Popen(
+            [
+                "storescp",
+                "--fork",
+                "-aet",
+                self.aet,
+                "-pdu",
+                str(PDU),
+                "-od",
+                str(out),
+                str(self.port),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def count(self) -> int:
+        return sum(1 for p in self.out.iterdir() if p.is_file())
+
+
+class Orthanc(Receiver):
+    name, aet = "Orthanc", "ORTHANC"
+
+    def start(self) -> None:
+        store = self.workdir / "store"
+        shutil.rmtree(store, ignore_errors=True)
+        store.mkdir(parents=True)
+        self.http = free_port()
+        cfg = {
+            "Name": "bench",
+            "StorageDirectory": str(store),
+            "IndexDirectory": str(store),
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "MaximumPduLength": PDU,
+            "StorageCompression": False,
+            "Plugins": [],
+        }
+        conf = self.workdir / "orthanc.json"
+        conf.write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(conf)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.port)
+        wait_port(self.http)
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/statistics") as r:
+            return int(json.load(r)["CountInstances"])
+
+
+class Node(Receiver):
+    name, aet = "radfinder-node", "RADFINDER"
+
+    def start(self) -> None:
+        data = self.workdir / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        self.data = data
+        env = {
+            **ENV,
+            "RADFINDER_HOST": "127.0.0.1",
+            "RADFINDER_MAX_PDU": str(PDU),
+            "RADFINDER_LOG_LEVEL": "WARNING",
+        }
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "radfinder_node.cli",
+                "serve",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(self.port),
+                "--ae-title",
+                self.aet,
+            ],
+            env=env,
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def count(self) -> int:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "radfinder_node.cli",
+                "status",
+                "--json",
+                "--data-dir",
+                str(self.data),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=self.workdir,
+        )
+        return int(json.loads(out.stdout)["instances"])
+
+
+def send(receiver: Receiver, groups: list[list[Path]]) -> float:
+    """Run one storescu per group concurrently; wall seconds until all finished."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                receiver.aet,
+                "-pdu",
+                str(PDU),
+                "127.0.0.1",
+                str(receiver.port),
+                *map(str, group),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {receiver.name} failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def make_series(directory: Path, slices: int) -> list[Path]:
+    from dicom_io.synthetic import write_ct_series
+    from engines.data.phantoms import basic_chest_phantom
+
+    spacing = (1.5, 0.7, 0.7)
+    hu = basic_chest_phantom((slices, 512, 512), spacing, seed=7)
+    return sorted(write_ct_series(directory, hu, spacing).paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="rf-bench-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        files = make_series(tmp / "series", args.slices)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"series: {len(files)} slices, {mb:.1f} MB, 512x512 int16, Explicit VR LE")
+        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node]
+        results: dict[tuple[str, int], list[float]] = {}
+        for parallel in (1, 4):
+            groups = [files[i::parallel] for i in range(parallel)]
+            for _ in range(args.repeat):
+                for make in receivers:
+                    r = make(tmp / make.__name__)  # type: ignore[attr-defined]
+                    r.start()
+                    try:
+                        seconds = send(r, groups)
+                        received = r.count()
+                    finally:
+                        r.stop()
+                    if received != len(files):
+                        raise RuntimeError(f"{r.name} has {received} of {len(files)} instances")
+                    results.setdefault((r.name, parallel), []).append(seconds)
+
+        print(f"\n{'receiver':<16} {'assocs':>6} {'best s':>8} {'median s':>9} {'images/s':>9}")
+        best: dict[tuple[str, int], float] = {}
+        for (name, parallel), times in results.items():
+            best[(name, parallel)] = min(times)
+            print(
+                f"{name:<16} {parallel:>6} {min(times):>8.3f} {statistics.median(times):>9.3f}"
+                f" {len(files) / min(times):>9.1f}"
+            )
+        print()
+        for parallel in (1, 4):
+            node = len(files) / best[("radfinder-node", parallel)]
+            orthanc = len(files) / best[("Orthanc", parallel)]
+            dcmtk = len(files) / best[("dcmtk storescp", parallel)]
+            print(
+                f"{parallel} assoc: radfinder-node / Orthanc = {node / orthanc:.2f}x, "
+                f"radfinder-node / dcmtk storescp = {node / dcmtk:.2f}x (images/s ratio)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The C-STORE/C-ECHO service class provider: pynetdicom event handlers wired to the spool.
+
+This adapter owns the DICOM side of receiving (contexts, statuses, spool and quarantine files,
+per-association accounting). What a stored instance *means* — database rows, series state — is
+the application's business, reached through the ``InstanceRecorder`` protocol; the success status
+goes out only after the recorder returns, i.e. after the application has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Protocol
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_io.selection import summary_attributes
+from dicom_io.spool import InvalidUIDError, Quarantine, Spool, SpoolFullError, StoredFile
+from dicom_io.uids import is_valid_uid
+
+log = logging.getLogger("dicom_io.scp")
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+# C-STORE statuses (PS3.4 Annex B.2.3; the Cxxx range is "Cannot understand").
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_MISSING_UIDS = 0xC211
+STATUS_UID_MISMATCH = 0xC212
+
+# Study-level attributes the application records besides the selection summary.
+STUDY_KEYWORDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyDescription", "SeriesNumber")
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance on disk, described for the application."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    header: dict[str, Any]
+    stored: StoredFile
+    calling_ae: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One instance refused and kept in quarantine (``path`` None if even that failed)."""
+
+    reason: str
+    status: int
+    path: PurePosixPath | None
+    size: int
+    sop_uid: str | None
+    calling_ae: str
+    peer: str
+
+
+class InstanceRecorder(Protocol):
+    def instance_stored(self, instance: ReceivedInstance) -> None:
+        """Commit the instance; raising makes the SCP answer a failure."""
+
+    def instance_rejected(self, rejected: Rejected) -> None:
+        """Record a quarantined object."""
+
+
+def header_attributes(ds: Dataset) -> dict[str, Any]:
+    """What selection needs (functional groups included) plus the study-level identifiers."""
+    out = summary_attributes(ds)
+    for keyword in STUDY_KEYWORDS:
+        value = ds.get(keyword)
+        if keyword not in out and value not in (None, ""):
+            out[keyword] = value if isinstance(value, int) else str(value)
+    return out
+
+
+@dataclass
+class _AssocStats:
+    peer: str
+    calling_ae: str
+    started: float = field(default_factory=time.monotonic)
+    count: int = 0
+    bytes: int = 0
+    failures: int = 0
+    series: set[str] = field(default_factory=set)
+
+
+class StorageSCP:
+    """Receives instances into a spool; reports them to a recorder before answering success."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        quarantine: Quarantine,
+        recorder: InstanceRecorder,
+        *,
+        ae_title: str = "RADFINDER",
+        allowed_calling_aes: Iterable[str] = (),
+        maximum_pdu_size: int = 0,
+    ) -> None:
+        self.spool = spool
+        self.quarantine = quarantine
+        self.recorder = recorder
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = maximum_pdu_size
+        self.ae.maximum_associations = 64
+        self.ae.network_timeout = 60
+        self.ae.dimse_timeout = 60
+        self.ae.acse_timeout = 30
+        allowed = [a.strip() for a in allowed_calling_aes if a.strip()]
+        if allowed:
+            self.ae.require_calling_aet = allowed
+        self._add_contexts()
+        self._lock = threading.Lock()
+        self._assocs: dict[int, _AssocStats] = {}
+        self._server: ThreadedAssociationServer | None = None
+
+    def _add_contexts(self) -> None:
+        from pynetdicom import AllStoragePresentationContexts
+
+        syntaxes = list(ALL_TRANSFER_SYNTAXES)  # incl. JPEG Lossless, JPEG-LS, J2K, RLE, deflate
+        self.ae.add_supported_context(VERIFICATION)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                self.ae.add_supported_context(cx.abstract_syntax, syntaxes)
+
+    # -- server lifecycle -------------------------------------------------------------------
+    def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Start listening in background threads; returns the bound port (0 picks a free one)."""
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+        assert server is not None  # block=False always returns the server
+        self._server = server
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def series_in_flight(self) -> set[str]:
+        """Series that an open association has sent to: not complete while it stays open."""
+        with self._lock:
+            return (
+                set().union(*(a.series for a in self._assocs.values())) if self._assocs else set()
+            )
+
+    def open_associations(self) -> int:
+        with self._lock:
+            return len(self._assocs)
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _stats(self, event: evt.Event) -> _AssocStats:
+        key = id(event.assoc)
+        with self._lock:
+            stats = self._assocs.get(key)
+            if stats is None:  # events can race EVT_ESTABLISHED; never lose accounting
+                stats = self._assocs[key] = _AssocStats(*_peer(event))
+            return stats
+
+    def _on_established(self, event: evt.Event) -> None:
+        self._stats(event)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._assocs.pop(id(event.assoc), None)
+        if stats is None:  # a connection that never became an association (rejected, probe)
+            return
+        log.info(
+            "association closed",
+            extra={
+                "fields": {
+                    "peer": stats.peer,
+                    "calling_ae": stats.calling_ae,
+                    "instances": stats.count,
+                    "bytes": stats.bytes,
+                    "failures": stats.failures,
+                    "series": len(stats.series),
+                    "duration_s": round(time.monotonic() - stats.started, 3),
+                    "aborted": bool(event.assoc.is_aborted),
+                }
+            },
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        stats = self._stats(event)
+        try:
+            raw = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # pynetdicom could not even frame the dataset
+            stats.failures += 1
+            log.warning("c-store without a data set", extra={"fields": {"error": str(exc)}})
+            return STATUS_CANNOT_UNDERSTAND
+        stats.bytes += len(raw)
+        req = event.request
+        try:
+            ds = event.dataset
+            _check_complete(ds)
+            ids = _identify(ds, req)
+        except _Reject as rej:
+            return self._reject(stats, raw, rej.reason, rej.status, _req_uid(req))
+        except Exception as exc:
+            return self._reject(
+                stats,
+                raw,
+                f"undecodable data set: {type(exc).__name__}: {exc}",
+                STATUS_CANNOT_UNDERSTAND,
+                _req_uid(req),
+            )
+        study_uid, series_uid, sop_uid, sop_class = ids
+        try:
+            stored = self.spool.store(study_uid, series_uid, sop_uid, raw)
+        except InvalidUIDError as exc:  # defence in depth; _identify validated already
+            return self._reject(stats, raw, str(exc), STATUS_MISSING_UIDS, sop_uid)
+        except SpoolFullError as exc:
+            stats.failures += 1
+            log.error("spool full", extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}})
+            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:
+            stats.failures += 1
+            log.error(
+                "spool write failed", extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}}
+            )
+            return STATUS_OUT_OF_RESOURCES
+        received = ReceivedInstance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            header=header_attributes(ds),
+            stored=stored,
+            calling_ae=stats.calling_ae,
+            peer=stats.peer,
+        )
+        with self._lock:
+            stats.series.add(series_uid)
+        try:
+            self.recorder.instance_stored(received)
+        except Exception as exc:
+            stats.failures += 1
+            if not stored.replaced:  # leave nothing the database does not know about
+                self.spool.remove(stored.relative)
+            log.error(
+                "recording instance failed",
+                exc_info=True,
+                extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}},
+            )
+            return STATUS_OUT_OF_RESOURCES
+        stats.count += 1
+        return STATUS_SUCCESS
+
+    def _reject(
+        self, stats: _AssocStats, raw: bytes, reason: str, status: int, sop_uid: str | None
+    ) -> int:
+        stats.failures += 1
+        path: PurePosixPath | None = None
+        try:
+            path = self.quarantine.put(
+                raw,
+                reason,
+                status=f"0x{status:04X}",
+                calling_ae=stats.calling_ae,
+                peer=stats.peer,
+                sop_uid=sop_uid,
+            )
+        except OSError as exc:
+            log.error("quarantine write failed", extra={"fields": {"error": str(exc)}})
+        rejected = Rejected(reason, status, path, len(raw), sop_uid, stats.calling_ae, stats.peer)
+        log.warning(
+            "instance rejected",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "status": f"0x{status:04X}",
+                    "quarantine": str(path),
+                    "calling_ae": stats.calling_ae,
+                    "peer": stats.peer,
+                }
+            },
+        )
+        try:
+            self.recorder.instance_rejected(rejected)
+        except Exception:
+            log.error("recording rejection failed", exc_info=True)
+        return status
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _peer(event: evt.Event) -> tuple[str, str]:
+    req = event.assoc.requestor
+    return f"{req.address}:{req.port}", str(req.ae_title).strip()
+
+
+def _req_uid(req: Any) -> str | None:
+    uid = getattr(req, "AffectedSOPInstanceUID", None)
+    return str(uid) if uid else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_complete(ds: Dataset) -> None:
+    """pydicom silently shortens an element whose declared length runs past the end of the
+    stream; such a data set was cut off in transit or written wrong, and must not be filed."""
+    for elem in ds.elements():
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if (
+            isinstance(value, bytes)
+            and isinstance(length, int)
+            and length != 0xFFFFFFFF
+            and len(value) < length
+        ):
+            raise ValueError(
+                f"element {elem.tag} declares {length} bytes but the data set ends after "
+                f"{len(value)}"
+            )
+
+
+def _identify(ds: Dataset, req: Any) -> tuple[str, str, str, str]:
+    """Study/Series/SOP Instance/SOP Class UIDs, validated; raises _Reject with the reason."""
+    uids: dict[str, str] = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise _Reject(f"missing {keyword}", STATUS_MISSING_UIDS)
+        if not is_valid_uid(value):
+            raise _Reject(
+                f"{keyword} is not a valid DICOM UID: {value[:80]!r}", STATUS_MISSING_UIDS
+            )
+        uids[keyword] = value
+    affected = str(getattr(req, "AffectedSOPInstanceUID", "") or "")
+    if affected and affected != uids["SOPInstanceUID"]:
+        raise _Reject(
+            f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's {affected}",
+            STATUS_UID_MISMATCH,
+        )
+    # Some writers leave (0008,0016) empty (e.g. TotalSegmentator's example series); the
+    # request's Affected SOP Class UID, which also goes into the file meta, is authoritative.
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip() or str(
+        getattr(req, "AffectedSOPClassUID", "") or ""
+    )
+    if not is_valid_uid(sop_class):
+        raise _Reject("no valid SOP Class UID in data set or request", STATUS_MISSING_UIDS)
+    return (
+        uids["StudyInstanceUID"],
+        uids["SeriesInstanceUID"],
+        uids["SOPInstanceUID"],
+        str(UID(sop_class)),
+    )

@@ -1,0 +1,153 @@
+"""Durable spool and quarantine on a filesystem.
+
+An instance is acknowledged only after its bytes are on disk, so every write goes to a
+temporary file in the destination directory, is fsynced, and is renamed into place (the rename
+is atomic, so a reader or a crash never sees half a file); the directory is fsynced so the
+rename itself survives power loss. Paths are built from validated UIDs only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dicom_io.uids import is_valid_uid
+
+
+class SpoolFullError(OSError):
+    """The filesystem has no room (ENOSPC/EDQUOT); nothing was left behind."""
+
+
+class InvalidUIDError(ValueError):
+    """A UID that is not a valid DICOM UID; it must never become a path."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    relative: PurePosixPath
+    size: int
+    replaced: bool  # an object with the same SOP Instance UID was already there
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | memoryview, *, fsync: bool) -> bool:
+    """Write ``data`` to ``path`` via temp file + rename; return True if it replaced a file.
+
+    Raises SpoolFullError (after removing the temporary file) when the disk is full.
+    """
+    created: list[Path] = []
+    parent = path.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.is_dir():
+            missing = missing.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise SpoolFullError(exc.errno, f"no space to create {parent}") from exc
+            raise
+        created = [missing]
+    tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        replaced = path.exists()
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _FULL:
+            raise SpoolFullError(exc.errno, f"no space left for {path.name}") from exc
+        raise
+    if fsync:
+        _fsync_dir(parent)
+        for top in created:  # make new directory entries durable up to the existing ancestor
+            _fsync_dir(top.parent)
+    return replaced
+
+
+class Spool:
+    """Received instances at ``<root>/<study>/<series>/<sop>.dcm``."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
+        for name, uid in (("Study", study_uid), ("Series", series_uid), ("SOP Instance", sop_uid)):
+            if not is_valid_uid(uid):
+                raise InvalidUIDError(f"{name} UID is not a valid DICOM UID: {uid!r}")
+        return PurePosixPath(study_uid, series_uid, f"{sop_uid}.dcm")
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        rel = self.relative_path(study_uid, series_uid, sop_uid)
+        path = self.root / rel
+        replaced = atomic_write(path, data, fsync=self.fsync)
+        return StoredFile(path=path, relative=rel, size=len(data), replaced=replaced)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / self.relative_path(study_uid, series_uid, "1.1").parent
+
+    def remove(self, rel: PurePosixPath) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+    def sweep_temporary(self) -> int:
+        """Delete temp files a crash left behind; none of them was ever acknowledged."""
+        count = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+class Quarantine:
+    """Rejected input, kept byte for byte with a JSON sidecar that says why."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, data: bytes, reason: str, *, suffix: str = ".dcm", **meta: Any) -> PurePosixPath:
+        """Keep ``data``; returns the path relative to the quarantine root.
+
+        The sidecar is written first so an object is never in quarantine without its reason.
+        """
+        day = time.strftime("%Y%m%d", time.gmtime())
+        name = f"{time.strftime('%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
+        rel = PurePosixPath(day, name + suffix)
+        sidecar = {"reason": reason, "size": len(data), "object": rel.name, **meta}
+        atomic_write(
+            self.root / day / f"{name}.json",
+            json.dumps(sidecar, default=str, indent=1).encode(),
+            fsync=self.fsync,
+        )
+        atomic_write(self.root / rel, data, fsync=self.fsync)
+        return rel

@@ -1,0 +1,135 @@
+"""One typed settings object for the whole node.
+
+Sources, highest priority first: explicit overrides (CLI flags), ``RADFINDER_*`` environment
+variables, the TOML file (``--config``, ``$RADFINDER_CONFIG`` or ``./radfinder.toml``), defaults.
+Keeping every knob in one validated object means a typo in a site's config fails at start-up
+instead of silently falling back to a default in some corner of the code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("radfinder.toml")
+
+
+def _default_selection() -> dict[str, Any]:
+    from dicom_io.selection import DEFAULT_SELECTION
+
+    return dict(DEFAULT_SELECTION)
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one node process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADFINDER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(Path("data"), description="spool, quarantine and the SQLite file")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/radfinder.db"
+    )
+    ae_title: str = Field("RADFINDER", description="our AE title (max 16 chars)")
+    host: str = Field("0.0.0.0", description="address the DICOM listener binds")
+    port: int = Field(11112, ge=0, le=65535, description="DICOM listener port")
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="calling AE titles allowed to associate; empty = any"
+    )
+    quiet_period_s: float = Field(
+        5.0, ge=0, description="a series is complete this long after its last instance"
+    )
+    completion_poll_s: float = Field(0.5, gt=0, description="how often completion is checked")
+    fsync: bool = Field(
+        True, description="fsync each instance (and the SQLite WAL) before answering success"
+    )
+    max_pdu: int = Field(0, ge=0, description="maximum PDU we accept; 0 = unlimited")
+    log_level: str = Field("INFO")
+    log_json: bool = Field(True, description="one JSON object per log line")
+    selection: dict[str, Any] = Field(
+        default_factory=_default_selection, description="series selection rules (TOML shape)"
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_valid(cls, v: str) -> str:
+        v = v.strip()
+        if not 0 < len(v) <= 16 or "\\" in v or not v.isprintable():
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return v
+
+    @field_validator("selection")
+    @classmethod
+    def _selection_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from dicom_io.selection import rules_from_config
+
+        rules_from_config(v)  # raises ValueError with the reason
+        return v
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'radfinder.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def config_path(explicit: Path | None = None) -> Path | None:
+    """The TOML file to read: explicit, then ``$RADFINDER_CONFIG``, then ``./radfinder.toml``."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise FileNotFoundError(f"config file not found: {explicit}")
+        return explicit
+    env = os.environ.get("RADFINDER_CONFIG")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"RADFINDER_CONFIG points to a missing file: {path}")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; ``overrides`` with value None are ignored (unset CLI flags)."""
+    path = config_path(config_file)
+    given = {k: v for k, v in overrides.items() if v is not None}
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+
+    return _FileSettings(**given)

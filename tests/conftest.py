@@ -1,0 +1,106 @@
+"""Shared fixtures: real databases, a real node on a loopback port, generated CT series."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from radfinder_node.config import Settings, load_settings
+from radfinder_node.node import Node
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / ".." / "shared" / "data" / "real"
+PG_ADMIN = os.environ.get("RADFINDER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    name = f"radfinder_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def node_settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "quiet_period_s": 0.5,
+        "completion_poll_s": 0.1,
+        "log_json": False,
+    }
+    values.update(overrides)
+    return load_settings(None, **values)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    nodes: list[Node] = []
+
+    def _make(**overrides: object) -> Node:
+        overrides.setdefault("data_dir", tmp_path / f"node{len(nodes)}")
+        node = Node(node_settings(**overrides))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield _make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def node(make_node: Callable[..., Node]) -> Node:
+    return make_node()
+
+
+def small_phantom(
+    slices: int = 24, size: int = 64
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    from engines.data.phantoms import basic_chest_phantom
+
+    spacing = (2.5, 5.0, 5.0)
+    return basic_chest_phantom((slices, size, size), spacing, seed=1), spacing
+
+
+@pytest.fixture
+def chest_series(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 24-slice synthetic chest CT written to disk."""
+    from dicom_io.synthetic import write_ct_series
+
+    hu, spacing = small_phantom()
+    return write_ct_series(tmp_path / "series", hu, spacing)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
