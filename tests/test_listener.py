@@ -117,7 +117,7 @@ def test_series_not_complete_while_its_association_is_open(node: Node, chest_ser
     # quiet period is 0.5 s; the association stays open, so the series must stay receiving
     assert not wait_for(lambda: node_status(node.db)["series"]["receiving"] == 0, timeout=1.5)
     assoc.release()
-    assert wait_for(lambda: node_status(node.db)["series"]["receiving"] == 0, timeout=5)
+    assert wait_for(lambda: node_status(node.db)["series"]["ignored"] == 1, timeout=5)
     # one slice is too few for the chest rule: ignored, and the reason says why
     with node.db.transaction() as s:
         series = s.scalars(select(Series)).one()
