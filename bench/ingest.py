@@ -57,6 +57,7 @@ class Receiver(abc.ABC):
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -250,6 +251,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 for make in receivers:
                     r = make(tmp / make.__name__)  # type: ignore[attr-defined]
+                    os.sync()  # every receiver starts with no dirty pages from the previous run
+                    time.sleep(1.0)
                     r.start()
                     try:
                         seconds = send(r, groups)

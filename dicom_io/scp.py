@@ -14,14 +14,16 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from functools import cached_property
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_io import incoming as incoming_files
 from dicom_io.selection import summary_attributes
 from dicom_io.spool import InvalidUIDError, Quarantine, Spool, SpoolFullError, StoredFile
 from dicom_io.uids import is_valid_uid
@@ -29,6 +31,8 @@ from dicom_io.uids import is_valid_uid
 log = logging.getLogger("dicom_io.scp")
 
 VERIFICATION = "1.2.840.10008.1.1"
+DUL_POLL_S = 0.0001
+DEFER_BYTES = 16384
 
 # C-STORE statuses (PS3.4 Annex B.2.3; the Cxxx range is "Cannot understand").
 STATUS_SUCCESS = 0x0000
@@ -52,10 +56,16 @@ class ReceivedInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     instance_number: int | None
-    header: dict[str, Any]
+    dataset: Dataset = field(repr=False)  # header as read (pixel data not loaded)
     stored: StoredFile
     calling_ae: str
     peer: str
+
+    @cached_property
+    def header(self) -> dict[str, Any]:
+        """Selection and study attributes; computed on demand, since only the first instance
+        of a series needs them and the hot path cannot spare the time."""
+        return header_attributes(self.dataset)
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,7 @@ class StorageSCP:
         self.spool = spool
         self.quarantine = quarantine
         self.recorder = recorder
+        incoming_files.install(spool.incoming)
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = maximum_pdu_size
         self.ae.maximum_associations = 64
@@ -182,6 +193,12 @@ class StorageSCP:
 
     def _on_established(self, event: evt.Event) -> None:
         self._stats(event)
+        # pynetdicom's DUL reactor sleeps this long whenever its socket is idle, i.e. between
+        # the response to one C-STORE and the next request: 1 ms by default, a third of the
+        # per-instance budget. 0.1 ms costs a little CPU only while an association is open.
+        dul = getattr(event.assoc, "dul", None)
+        if dul is not None and hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = DUL_POLL_S
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
@@ -209,42 +226,51 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         stats = self._stats(event)
+        req = event.request
         try:
-            raw = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # pynetdicom could not even frame the dataset
+            path = Path(event.dataset_path)
+        except AttributeError as exc:  # a C-STORE without a data set
             stats.failures += 1
             log.warning("c-store without a data set", extra={"fields": {"error": str(exc)}})
             return STATUS_CANNOT_UNDERSTAND
-        stats.bytes += len(raw)
-        req = event.request
+        incoming = incoming_files.claim(path)
+        if incoming is not None:
+            incoming.close()
+            if incoming.error is not None:
+                stats.failures += 1
+                path.unlink(missing_ok=True)
+                log.error(
+                    "receiving data set failed",
+                    extra={"fields": {"sop_uid": _req_uid(req), "error": str(incoming.error)}},
+                )
+                return STATUS_OUT_OF_RESOURCES
+        size = path.stat().st_size
+        stats.bytes += size
         try:
-            ds = event.dataset
-            _check_complete(ds)
+            # Big values (pixel data) are not read, only their extent checked.
+            ds = dcmread(path, defer_size=DEFER_BYTES)
+            _check_complete(ds, size)
             ids = _identify(ds, req)
         except _Reject as rej:
-            return self._reject(stats, raw, rej.reason, rej.status, _req_uid(req))
+            return self._reject(stats, path, rej.reason, rej.status, _req_uid(req))
         except Exception as exc:
             return self._reject(
                 stats,
-                raw,
+                path,
                 f"undecodable data set: {type(exc).__name__}: {exc}",
                 STATUS_CANNOT_UNDERSTAND,
                 _req_uid(req),
             )
         study_uid, series_uid, sop_uid, sop_class = ids
         try:
-            stored = self.spool.store(study_uid, series_uid, sop_uid, raw)
+            stored = self.spool.adopt(path, study_uid, series_uid, sop_uid)
         except InvalidUIDError as exc:  # defence in depth; _identify validated already
-            return self._reject(stats, raw, str(exc), STATUS_MISSING_UIDS, sop_uid)
-        except SpoolFullError as exc:
-            stats.failures += 1
-            log.error("spool full", extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}})
-            return STATUS_OUT_OF_RESOURCES
+            return self._reject(stats, path, str(exc), STATUS_MISSING_UIDS, sop_uid)
         except OSError as exc:
             stats.failures += 1
-            log.error(
-                "spool write failed", extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}}
-            )
+            path.unlink(missing_ok=True)
+            event_name = "spool full" if isinstance(exc, SpoolFullError) else "spool write failed"
+            log.error(event_name, extra={"fields": {"sop_uid": sop_uid, "error": str(exc)}})
             return STATUS_OUT_OF_RESOURCES
         received = ReceivedInstance(
             study_uid=study_uid,
@@ -253,7 +279,7 @@ class StorageSCP:
             sop_class_uid=sop_class,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             instance_number=_int_or_none(ds.get("InstanceNumber")),
-            header=header_attributes(ds),
+            dataset=ds,
             stored=stored,
             calling_ae=stats.calling_ae,
             peer=stats.peer,
@@ -276,13 +302,14 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _reject(
-        self, stats: _AssocStats, raw: bytes, reason: str, status: int, sop_uid: str | None
+        self, stats: _AssocStats, src: Path, reason: str, status: int, sop_uid: str | None
     ) -> int:
         stats.failures += 1
         path: PurePosixPath | None = None
+        size = src.stat().st_size if src.exists() else 0
         try:
-            path = self.quarantine.put(
-                raw,
+            path = self.quarantine.adopt(
+                src,
                 reason,
                 status=f"0x{status:04X}",
                 calling_ae=stats.calling_ae,
@@ -290,8 +317,9 @@ class StorageSCP:
                 sop_uid=sop_uid,
             )
         except OSError as exc:
+            src.unlink(missing_ok=True)
             log.error("quarantine write failed", extra={"fields": {"error": str(exc)}})
-        rejected = Rejected(reason, status, path, len(raw), sop_uid, stats.calling_ae, stats.peer)
+        rejected = Rejected(reason, status, path, size, sop_uid, stats.calling_ae, stats.peer)
         log.warning(
             "instance rejected",
             extra={
@@ -309,6 +337,31 @@ class StorageSCP:
         except Exception:
             log.error("recording rejection failed", exc_info=True)
         return status
+
+
+def instance_from_spool(spool: Spool, path: Path) -> ReceivedInstance:
+    """Describe a file already in the spool, to re-index it after the database lost its row
+    (power loss after the file was made durable). Raises ValueError if it cannot be filed."""
+    ds = dcmread(path, defer_size=DEFER_BYTES)
+    try:
+        study_uid, series_uid, sop_uid, sop_class = _identify(ds, None)
+    except _Reject as rej:
+        raise ValueError(rej.reason) from None
+    rel = spool.relative_path(study_uid, series_uid, sop_uid)
+    if spool.root / rel != path:
+        raise ValueError(f"{path} is not where its UIDs place it ({rel})")
+    return ReceivedInstance(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        dataset=ds,
+        stored=StoredFile(path=path, relative=rel, size=path.stat().st_size, replaced=True),
+        calling_ae="",
+        peer="spool",
+    )
 
 
 class _Reject(Exception):
@@ -335,21 +388,25 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _check_complete(ds: Dataset) -> None:
+def _check_complete(ds: Dataset, file_size: int) -> None:
     """pydicom silently shortens an element whose declared length runs past the end of the
     stream; such a data set was cut off in transit or written wrong, and must not be filed."""
-    for elem in ds.elements():
+    for tag in ds.keys():  # noqa: SIM118 - iterating ds itself would convert (and read) values
+        elem = ds.get_item(tag, keep_deferred=True)  # raw: reading a deferred value is the bug
         length = getattr(elem, "length", None)
+        if not isinstance(length, int) or length == 0xFFFFFFFF:
+            continue
         value = getattr(elem, "value", None)
-        if (
-            isinstance(value, bytes)
-            and isinstance(length, int)
-            and length != 0xFFFFFFFF
-            and len(value) < length
-        ):
+        tell = getattr(elem, "value_tell", None)
+        if value is None and isinstance(tell, int):  # deferred: check its extent on disk
+            short = tell + length > file_size
+            have = file_size - tell
+        else:
+            short = isinstance(value, bytes) and len(value) < length
+            have = len(value) if isinstance(value, bytes) else length
+        if short:
             raise ValueError(
-                f"element {elem.tag} declares {length} bytes but the data set ends after "
-                f"{len(value)}"
+                f"element {elem.tag} declares {length} bytes but the data set ends after {have}"
             )
 
 

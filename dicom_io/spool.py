@@ -52,19 +52,8 @@ def atomic_write(path: Path, data: bytes | memoryview, *, fsync: bool) -> bool:
 
     Raises SpoolFullError (after removing the temporary file) when the disk is full.
     """
-    created: list[Path] = []
+    created = _make_parent(path)
     parent = path.parent
-    if not parent.is_dir():
-        missing = parent
-        while not missing.parent.is_dir():
-            missing = missing.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            if exc.errno in _FULL:
-                raise SpoolFullError(exc.errno, f"no space to create {parent}") from exc
-            raise
-        created = [missing]
     tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -91,13 +80,64 @@ def atomic_write(path: Path, data: bytes | memoryview, *, fsync: bool) -> bool:
     return replaced
 
 
+def _make_parent(path: Path) -> list[Path]:
+    """Create ``path.parent``; return the topmost directories created (to fsync their parent)."""
+    parent = path.parent
+    if parent.is_dir():
+        return []
+    missing = parent
+    while not missing.parent.is_dir():
+        missing = missing.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise SpoolFullError(exc.errno, f"no space to create {parent}") from exc
+        raise
+    return [missing]
+
+
+def atomic_adopt(src: Path, dest: Path, *, fsync: bool) -> bool:
+    """Move a fully written file to ``dest`` durably; return True if it replaced a file.
+
+    The file is fsynced before the rename, so ``dest`` never names a half-written file. Across
+    filesystems (EXDEV) it is copied through :func:`atomic_write` instead.
+    """
+    if fsync:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    created = _make_parent(dest)
+    replaced = dest.exists()
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        replaced = atomic_write(dest, src.read_bytes(), fsync=fsync)
+        src.unlink(missing_ok=True)
+        return replaced
+    if fsync:
+        _fsync_dir(dest.parent)
+        for top in created:
+            _fsync_dir(top.parent)
+    return replaced
+
+
 class Spool:
-    """Received instances at ``<root>/<study>/<series>/<sop>.dcm``."""
+    """Received instances at ``<root>/<study>/<series>/<sop>.dcm``.
+
+    ``<root>/.incoming`` holds instances still being received (on the same filesystem, so
+    accepting one is a rename, not a copy).
+    """
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
-        root.mkdir(parents=True, exist_ok=True)
+        self.incoming = root / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
@@ -112,6 +152,14 @@ class Spool:
         replaced = atomic_write(path, data, fsync=self.fsync)
         return StoredFile(path=path, relative=rel, size=len(data), replaced=replaced)
 
+    def adopt(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Accept a received file (see :func:`atomic_adopt`) under its UIDs."""
+        rel = self.relative_path(study_uid, series_uid, sop_uid)
+        path = self.root / rel
+        size = src.stat().st_size
+        replaced = atomic_adopt(src, path, fsync=self.fsync)
+        return StoredFile(path=path, relative=rel, size=size, replaced=replaced)
+
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / self.relative_path(study_uid, series_uid, "1.1").parent
 
@@ -121,7 +169,7 @@ class Spool:
     def sweep_temporary(self) -> int:
         """Delete temp files a crash left behind; none of them was ever acknowledged."""
         count = 0
-        for tmp in self.root.rglob(".*.tmp"):
+        for tmp in [*self.root.rglob(".*.tmp"), *self.incoming.iterdir()]:
             tmp.unlink(missing_ok=True)
             count += 1
         return count
@@ -150,4 +198,18 @@ class Quarantine:
             fsync=self.fsync,
         )
         atomic_write(self.root / rel, data, fsync=self.fsync)
+        return rel
+
+    def adopt(self, src: Path, reason: str, **meta: Any) -> PurePosixPath:
+        """Like :meth:`put`, for bytes already in a file (moved, not copied)."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        name = f"{time.strftime('%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
+        rel = PurePosixPath(day, name + src.suffix)
+        sidecar = {"reason": reason, "size": src.stat().st_size, "object": rel.name, **meta}
+        atomic_write(
+            self.root / day / f"{name}.json",
+            json.dumps(sidecar, default=str, indent=1).encode(),
+            fsync=self.fsync,
+        )
+        atomic_adopt(src, self.root / rel, fsync=self.fsync)
         return rel

@@ -43,7 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from radfinder_node.database import Database
     from radfinder_node.status import node_status
 
-    db = Database(settings.effective_database_url, fsync=settings.fsync)
+    db = Database(settings.effective_database_url)
     try:
         status = node_status(db)
     finally:

@@ -1,8 +1,10 @@
 """Engine and sessions, with migrations applied at start.
 
-SQLite is the embedded default; its pragmas (WAL, busy timeout, synchronous=FULL when fsync is
-on) make a commit durable before we acknowledge an instance, and let the listener threads and the
-completion loop share one file. PostgreSQL needs nothing special.
+SQLite is the embedded default, in WAL mode with synchronous=NORMAL: a commit is atomic and
+survives the process being killed, but the last commits before a power loss may be lost. That
+is safe because the fsynced spool file, not the row, is the durable record of an instance: after
+an unclean stop the node re-indexes spool files that have no row (radfinder_node.recovery).
+FULL would add a WAL fsync to every instance for no gain in what is kept.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str, *, fsync: bool = True) -> Engine:
+def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=8
@@ -30,7 +32,7 @@ def make_engine(url: str, *, fsync: bool = True) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
@@ -51,11 +53,11 @@ def migrate(engine: Engine) -> None:
 class Database:
     """The node's handle on its database: one engine, short transactions."""
 
-    def __init__(self, url: str, *, fsync: bool = True, auto_migrate: bool = True) -> None:
+    def __init__(self, url: str, *, auto_migrate: bool = True) -> None:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.url = url
-        self.engine = make_engine(url, fsync=fsync)
+        self.engine = make_engine(url)
         if auto_migrate:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 from dicom_io.scp import StorageSCP
@@ -13,6 +15,7 @@ from radfinder_node.completion import CompletionMonitor
 from radfinder_node.config import Settings
 from radfinder_node.database import Database
 from radfinder_node.ingest import IngestRecorder
+from radfinder_node.recovery import reindex_spool
 
 log = logging.getLogger("radfinder_node.node")
 
@@ -21,13 +24,14 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.effective_database_url, fsync=settings.fsync)
+        self.db = Database(settings.effective_database_url)
         self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         self.quarantine = Quarantine(settings.quarantine_dir, fsync=settings.fsync)
+        self.recorder = IngestRecorder(self.db)
         self.scp = StorageSCP(
             self.spool,
             self.quarantine,
-            IngestRecorder(self.db),
+            self.recorder,
             ae_title=settings.ae_title,
             allowed_calling_aes=settings.allowed_calling_aes,
             maximum_pdu_size=settings.max_pdu,
@@ -42,10 +46,18 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.port: int | None = None
 
+    @property
+    def _running_marker(self) -> Path:
+        return self.settings.data_dir / "node.running"
+
     def start(self) -> None:
         swept = self.spool.sweep_temporary()
         if swept:
             log.warning("removed unacknowledged temp files", extra={"fields": {"count": swept}})
+        if self._running_marker.exists():
+            log.warning("previous run did not stop cleanly; re-indexing the spool")
+            reindex_spool(self.db, self.spool, self.recorder)
+        self._running_marker.write_text(str(os.getpid()))
         self.port = self.scp.start(self.settings.host, self.settings.port)
         loop = threading.Thread(
             target=self.completion.run,
@@ -75,6 +87,7 @@ class Node:
         for thread in self._threads:
             thread.join(timeout=10)
         self.db.dispose()
+        self._running_marker.unlink(missing_ok=True)
         log.info("node stopped")
 
     def serve_forever(self) -> None:

@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 
+from pydicom import Dataset
 from sqlalchemy import inspect, select
 
 from dicom_io.scp import ReceivedInstance, Rejected
@@ -32,6 +33,9 @@ CHEST = {
 
 def received(series: str, sop: str, header: dict[str, object] | None = None) -> ReceivedInstance:
     rel = PurePosixPath(STUDY, series, f"{sop}.dcm")
+    ds = Dataset()
+    for keyword, value in (header or CHEST).items():
+        setattr(ds, keyword, value)
     return ReceivedInstance(
         study_uid=STUDY,
         series_uid=series,
@@ -39,7 +43,7 @@ def received(series: str, sop: str, header: dict[str, object] | None = None) -> 
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         instance_number=int(sop.rsplit(".", 1)[1]),
-        header=dict(header or CHEST),
+        dataset=ds,
         stored=StoredFile(path=Path("/nonexistent") / rel, relative=rel, size=1000, replaced=False),
         calling_ae="PACS",
         peer="127.0.0.1:1",
