@@ -194,6 +194,42 @@ class Node(Receiver):
         return int(json.loads(out.stdout)["instances"])
 
 
+NOOP_SCP = """
+import sys
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+ae = AE(ae_title="NOOP")
+ae.maximum_pdu_size = int(sys.argv[2])
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+def established(event):
+    event.assoc.dul._run_loop_delay = 0.0001  # as radfinder-node does
+def store(event):
+    event.encoded_dataset()
+    return 0x0000
+ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
+                evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_ESTABLISHED, established)])
+"""
+
+
+class PynetdicomFloor(Receiver):
+    """pynetdicom with a handler that stores nothing: the floor of any pynetdicom SCP."""
+
+    name, aet = "pynetdicom no-op", "NOOP"
+
+    def start(self) -> None:
+        self.received = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", NOOP_SCP, str(self.port), str(PDU)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def count(self) -> int:
+        return -1  # stores nothing; storescu's exit status vouches for the transfer
+
+
 def send(receiver: Receiver, groups: list[list[Path]]) -> float:
     """Run one storescu per group concurrently; wall seconds until all finished."""
     start = time.perf_counter()
@@ -244,7 +280,7 @@ def main() -> None:
         files = make_series(tmp / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} slices, {mb:.1f} MB, 512x512 int16, Explicit VR LE")
-        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node]
+        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node, PynetdicomFloor]
         results: dict[tuple[str, int], list[float]] = {}
         for parallel in (1, 4):
             groups = [files[i::parallel] for i in range(parallel)]
@@ -259,7 +295,7 @@ def main() -> None:
                         received = r.count()
                     finally:
                         r.stop()
-                    if received != len(files):
+                    if received not in (len(files), -1):
                         raise RuntimeError(f"{r.name} has {received} of {len(files)} instances")
                     results.setdefault((r.name, parallel), []).append(seconds)
 
@@ -276,9 +312,11 @@ def main() -> None:
             node = len(files) / best[("radfinder-node", parallel)]
             orthanc = len(files) / best[("Orthanc", parallel)]
             dcmtk = len(files) / best[("dcmtk storescp", parallel)]
+            floor = len(files) / best[("pynetdicom no-op", parallel)]
             print(
                 f"{parallel} assoc: radfinder-node / Orthanc = {node / orthanc:.2f}x, "
-                f"radfinder-node / dcmtk storescp = {node / dcmtk:.2f}x (images/s ratio)"
+                f"radfinder-node / dcmtk storescp = {node / dcmtk:.2f}x, "
+                f"pynetdicom no-op / Orthanc = {floor / orthanc:.2f}x (images/s ratios)"
             )
 
 

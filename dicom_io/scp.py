@@ -9,6 +9,7 @@ goes out only after the recorder returns, i.e. after the application has committ
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -199,6 +200,10 @@ class StorageSCP:
         dul = getattr(event.assoc, "dul", None)
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = DUL_POLL_S
+        # Small responses must not wait for Nagle's algorithm (the 40 ms stall peers see).
+        raw = getattr(getattr(dul, "socket", None), "socket", None)
+        if isinstance(raw, socket.socket):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:

@@ -184,32 +184,26 @@ class Quarantine:
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes, reason: str, *, suffix: str = ".dcm", **meta: Any) -> PurePosixPath:
-        """Keep ``data``; returns the path relative to the quarantine root.
-
-        The sidecar is written first so an object is never in quarantine without its reason.
-        """
-        day = time.strftime("%Y%m%d", time.gmtime())
-        name = f"{time.strftime('%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
-        rel = PurePosixPath(day, name + suffix)
-        sidecar = {"reason": reason, "size": len(data), "object": rel.name, **meta}
-        atomic_write(
-            self.root / day / f"{name}.json",
-            json.dumps(sidecar, default=str, indent=1).encode(),
-            fsync=self.fsync,
-        )
+        """Keep ``data``; returns the path relative to the quarantine root."""
+        rel = self._describe(reason, len(data), suffix, meta)
         atomic_write(self.root / rel, data, fsync=self.fsync)
         return rel
 
     def adopt(self, src: Path, reason: str, **meta: Any) -> PurePosixPath:
         """Like :meth:`put`, for bytes already in a file (moved, not copied)."""
-        day = time.strftime("%Y%m%d", time.gmtime())
-        name = f"{time.strftime('%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
-        rel = PurePosixPath(day, name + src.suffix)
-        sidecar = {"reason": reason, "size": src.stat().st_size, "object": rel.name, **meta}
+        rel = self._describe(reason, src.stat().st_size, src.suffix, meta)
+        atomic_adopt(src, self.root / rel, fsync=self.fsync)
+        return rel
+
+    def _describe(self, reason: str, size: int, suffix: str, meta: dict[str, Any]) -> PurePosixPath:
+        """Write the sidecar first, so an object is never in quarantine without its reason."""
+        now = time.gmtime()
+        name = f"{time.strftime('%H%M%S', now)}-{secrets.token_hex(6)}"
+        rel = PurePosixPath(time.strftime("%Y%m%d", now), name + suffix)
+        sidecar = {"reason": reason, "size": size, "object": rel.name, **meta}
         atomic_write(
-            self.root / day / f"{name}.json",
+            self.root / rel.with_suffix(".json"),
             json.dumps(sidecar, default=str, indent=1).encode(),
             fsync=self.fsync,
         )
-        atomic_adopt(src, self.root / rel, fsync=self.fsync)
         return rel

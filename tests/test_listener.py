@@ -353,3 +353,20 @@ def test_storescu_every_real_series_then_volume(node: Node, tmp_path: Path) -> N
         else:
             assert rc == 2 and result["reason"]
     assert by_desc  # descriptions were recorded
+
+
+def test_one_structured_log_line_per_association(
+    node: Node, chest_series, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("INFO", logger="dicom_io.scp")
+    assoc = associate(node, scu("LOGGER"))
+    for path in chest_series.paths[:3]:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+    assoc.release()
+    assert wait_for(lambda: any(r.msg == "association closed" for r in caplog.records))
+    [record] = [r for r in caplog.records if r.msg == "association closed"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["calling_ae"] == "LOGGER"
+    assert fields["instances"] == 3 and fields["failures"] == 0 and fields["series"] == 1
+    assert fields["bytes"] > 3 * 64 * 64 * 2
+    assert fields["peer"].startswith("127.0.0.1:") and fields["duration_s"] >= 0
