@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import subprocess
+from contextlib import redirect_stdout
 from io import BytesIO
 from pathlib import Path
 
@@ -305,9 +306,12 @@ def test_storescu_every_real_series_then_volume(node: Node, tmp_path: Path) -> N
         REAL / "dcm4che/dcm4che-test-data",
     ]
     for src in sources:
+        # -xs proposes JPEG Lossless SV1 too (the Elscint slice is sent as it is)
+        syntax = ["-xs"] if "dcm4che" in str(src) else []
         out = subprocess.run(
             [
                 "storescu",
+                *syntax,
                 "-aet",
                 "DCMTK",
                 "-aec",
@@ -324,6 +328,7 @@ def test_storescu_every_real_series_then_volume(node: Node, tmp_path: Path) -> N
             env={**os.environ, "TCP_NODELAY": "1"},
         )
         assert out.returncode == 0, out.stderr[-2000:]
+        assert "Store Failed" not in out.stderr, out.stderr[-2000:]
     assert wait_for(lambda: node_status(node.db)["series"]["receiving"] == 0, timeout=20)
     assert wait_for(lambda: node_status(node.db)["series"]["complete"] == 0, timeout=10)
     with node.db.transaction() as s:
@@ -333,26 +338,38 @@ def test_storescu_every_real_series_then_volume(node: Node, tmp_path: Path) -> N
             for sr in series
         }
         study_of = {sr.series_uid: sr.study.study_uid for sr in series}
-    assert shutil.which("storescu")
-    by_desc = {(sr.series_description or ""): sr for sr in series}
-    selected = [sr for sr in series if sr.state == SeriesState.SELECTED]
-    # one series per lung-pet-ct-dx study; every dcm_qa_ct head CT, scout, summary ignored
-    assert len(selected) == 2, [(sr.series_description, sr.state_reason) for sr in series]
+    volumes = {}
     for sr in series:
-        study_dir = node.spool.root / study_of[sr.series_uid] / sr.series_uid
-        import io
-        from contextlib import redirect_stdout
-
         buf = io.StringIO()
         with redirect_stdout(buf):
-            rc = main(["volume", str(study_dir), "--json"])
-        result = json.loads(buf.getvalue())
-        if result["ok"]:
-            assert rc == 0
-            assert result["slice_count"] == counts[sr.series_uid]
-        else:
-            assert rc == 2 and result["reason"]
-    assert by_desc  # descriptions were recorded
+            rc = main(
+                ["volume", str(node.spool.root / study_of[sr.series_uid] / sr.series_uid), "--json"]
+            )
+        volumes[sr.series_uid] = json.loads(buf.getvalue())
+        assert rc == (0 if volumes[sr.series_uid]["ok"] else 2)
+
+    # 4 lung-pet-ct-dx series, GE tilt, Philips tilt + scout + summary, Philips axial, Elscint
+    assert len(series) == 10, [(sr.attributes, counts[sr.series_uid]) for sr in series]
+    loaded = sorted(v["slice_count"] for v in volumes.values() if v["ok"])
+    assert loaded == [1, 28, 30, 30, 64, 64]
+    for sr in series:
+        v = volumes[sr.series_uid]
+        assert (v["slice_count"] == counts[sr.series_uid]) if v["ok"] else v["reason"]
+    tilted = [v for v in volumes.values() if not v["ok"] and "tilt" in v["reason"].lower()]
+    assert len(tilted) == 2  # GE (tilt and uneven gaps) and Philips S2010
+
+    # one series per lung-pet-ct-dx study, the soft kernel; nothing else is a chest CT
+    selected = [sr for sr in series if sr.state == SeriesState.SELECTED]
+    assert sorted(sr.attributes["ConvolutionKernel"] for sr in selected) == ["B", "B40f"]
+    scout = [sr for sr in series if "LOCALIZER" in sr.attributes.get("ImageType", [])]
+    summary = [sr for sr in series if sr.attributes["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.7"]
+    assert len(scout) == 1 and len(summary) == 1
+    assert scout[0].state == SeriesState.IGNORED and "LOCALIZER" in (scout[0].state_reason or "")
+    assert summary[0].state == SeriesState.IGNORED
+    assert "SOPClassUID" in (summary[0].state_reason or "")
+    assert not volumes[scout[0].series_uid]["ok"] and not volumes[summary[0].series_uid]["ok"]
+    for sr in series:
+        assert sr.state in (SeriesState.SELECTED, SeriesState.IGNORED) and sr.state_reason
 
 
 def test_one_structured_log_line_per_association(
@@ -370,3 +387,25 @@ def test_one_structured_log_line_per_association(
     assert fields["instances"] == 3 and fields["failures"] == 0 and fields["series"] == 1
     assert fields["bytes"] > 3 * 64 * 64 * 2
     assert fields["peer"].startswith("127.0.0.1:") and fields["duration_s"] >= 0
+
+
+def test_node_on_postgresql(make_node, pg_url: str, chest_series) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(database_url=pg_url)
+    assert node.db.engine.dialect.name == "postgresql"
+    out = subprocess.run(
+        [
+            "storescu",
+            "-aec",
+            "RADFINDER",
+            "+sd",
+            "127.0.0.1",
+            str(node.port),
+            str(chest_series.paths[0].parent),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert out.returncode == 0 and "Store Failed" not in out.stderr
+    assert wait_for(lambda: node_status(node.db)["series"]["selected"] == 1, timeout=10)
+    assert node_status(node.db)["instances"] == 24
