@@ -144,6 +144,7 @@ class Orthanc(Receiver):
 
 class Node(Receiver):
     name, aet = "radfinder-node", "RADFINDER"
+    fsync = True
 
     def start(self) -> None:
         data = self.workdir / "data"
@@ -154,6 +155,7 @@ class Node(Receiver):
             "RADFINDER_HOST": "127.0.0.1",
             "RADFINDER_MAX_PDU": str(PDU),
             "RADFINDER_LOG_LEVEL": "WARNING",
+            "RADFINDER_FSYNC": "true" if self.fsync else "false",
         }
         self.proc = subprocess.Popen(
             [
@@ -209,6 +211,13 @@ def store(event):
 ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
                 evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_ESTABLISHED, established)])
 """
+
+
+class NodeNoFsync(Node):
+    """The same node with fsync off: what durability costs (not a configuration to run)."""
+
+    name = "radfinder-node, fsync off"
+    fsync = False
 
 
 class PynetdicomFloor(Receiver):
@@ -280,7 +289,7 @@ def main() -> None:
         files = make_series(tmp / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} slices, {mb:.1f} MB, 512x512 int16, Explicit VR LE")
-        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node, PynetdicomFloor]
+        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node, NodeNoFsync, PynetdicomFloor]
         results: dict[tuple[str, int], list[float]] = {}
         for parallel in (1, 4):
             groups = [files[i::parallel] for i in range(parallel)]
@@ -299,12 +308,12 @@ def main() -> None:
                         raise RuntimeError(f"{r.name} has {received} of {len(files)} instances")
                     results.setdefault((r.name, parallel), []).append(seconds)
 
-        print(f"\n{'receiver':<16} {'assocs':>6} {'best s':>8} {'median s':>9} {'images/s':>9}")
+        print(f"\n{'receiver':<26} {'assocs':>6} {'best s':>8} {'median s':>9} {'images/s':>9}")
         best: dict[tuple[str, int], float] = {}
         for (name, parallel), times in results.items():
             best[(name, parallel)] = min(times)
             print(
-                f"{name:<16} {parallel:>6} {min(times):>8.3f} {statistics.median(times):>9.3f}"
+                f"{name:<26} {parallel:>6} {min(times):>8.3f} {statistics.median(times):>9.3f}"
                 f" {len(files) / min(times):>9.1f}"
             )
         print()
