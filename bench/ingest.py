@@ -289,7 +289,13 @@ def main() -> None:
         files = make_series(tmp / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} slices, {mb:.1f} MB, 512x512 int16, Explicit VR LE")
-        receivers: list[Callable[[Path], Receiver]] = [Storescp, Orthanc, Node, NodeNoFsync, PynetdicomFloor]
+        receivers: list[Callable[[Path], Receiver]] = [
+            Storescp,
+            Orthanc,
+            Node,
+            NodeNoFsync,
+            PynetdicomFloor,
+        ]
         results: dict[tuple[str, int], list[float]] = {}
         for parallel in (1, 4):
             groups = [files[i::parallel] for i in range(parallel)]

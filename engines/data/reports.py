@@ -143,7 +143,8 @@ _SECTION_OF: Final[Mapping[str, str]] = {
 # The 18 CT-RATE labels in their column order; a test checks this against engines.data.labels.
 REPORT_LABELS: Final = tuple(_SECTION_OF)
 
-# Templates: ``{cite}`` marks where a citation goes (glued to the word before it: the citation's
+# Templates: no sentence starts with a digit (it could follow a citation: "image 45. 2 ...").
+# ``{cite}`` marks where a citation goes (glued to the word before it: the citation's
 # wrapper brings its own leading space or punctuation). Slots: {size}, {in_loc}, {side_adv},
 # {Side_adj}, {device}, {Device}, {station}. Templates with {size} are used only when the size
 # is known.
@@ -200,6 +201,7 @@ _POSITIVE: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
             "There is {a_size} solid nodule {in_loc}{cite}.",
             "Nodule {in_loc}, measuring {size}{cite}.",
             "{A_size} non-calcified pulmonary nodule {in_loc}{cite}.",
+            "A pulmonary nodule is seen {in_loc}{cite}.",
         ),
         "Lung opacity": (
             "Ground-glass opacity {in_loc}{cite}.",
@@ -276,8 +278,9 @@ _POSITIVE: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
             "Dystelektase {in_loc}{cite}.",
         ),
         "Lung nodule": (
-            "{size} großer Rundherd {in_loc}{cite}.",
+            "Rundherd {in_loc}, {size} groß{cite}.",
             "Solider Lungenrundherd {in_loc}, Durchmesser {size}{cite}.",
+            "Lungenrundherd {in_loc}{cite}.",
         ),
         "Lung opacity": (
             "Milchglastrübung {in_loc}{cite}.",
@@ -432,7 +435,7 @@ _FILLERS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "abdomen": (
             "Upper abdominal organs included in the sections are unremarkable.",
             "A simple cyst measuring {cyst} mm is seen in the liver.",
-            "{count} small calculi are seen in the gallbladder.",
+            "The gallbladder contains {count} small calculi.",
             "The adrenal glands are unchanged compared with the examination of {date}.",
         ),
         "bones": (
@@ -455,7 +458,7 @@ _FILLERS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "abdomen": (
             "Miterfasste Oberbauchorgane unauffällig.",
             "Einfache Leberzyste von {cyst} mm.",
-            "{count} kleine Gallenblasenkonkremente.",
+            "Gallenblase mit {count} kleinen Konkrementen.",
             "Nebennieren unverändert im Vergleich zur Voruntersuchung vom {date}.",
         ),
         "bones": (
