@@ -521,12 +521,13 @@ _HEADINGS: Final[Mapping[str, tuple[str, str, str, str]]] = {
     "de": ("KLINISCHE ANGABEN", "TECHNIK", "BEFUND", "BEURTEILUNG"),
 }
 
+# English devices are singular: the templates say "is noted".
 _DEVICES: Final[Mapping[str, tuple[str, ...]]] = {
     "en": (
         "a cardiac pacemaker",
         "a central venous catheter",
-        "sternotomy wires",
         "a port catheter",
+        "a nasogastric tube",
     ),
     "de": ("Herzschrittmacher", "zentraler Venenkatheter", "Sternotomie-Cerclagen", "Portsystem"),
 }
