@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, small_phantom, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
+from conftest import free_port, small_phantom, wait_for
 from radfinder_node.database import Database
 from radfinder_node.models import Instance, Series, SeriesState
 

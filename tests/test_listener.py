@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import REAL, wait_for
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -20,6 +19,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
+from conftest import REAL, wait_for
 from dicom_io.scp import STATUS_CANNOT_UNDERSTAND, STATUS_MISSING_UIDS, STATUS_OUT_OF_RESOURCES
 from radfinder_node.models import Instance, QuarantinedObject, Series, SeriesState
 from radfinder_node.node import Node
@@ -203,7 +203,6 @@ def test_full_disk_answers_out_of_resources(make_node, tmp_path: Path) -> None: 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     from conftest import small_phantom
-
     from dicom_io.synthetic import write_ct_series
 
     hu, spacing = small_phantom(slices=6, size=512)
@@ -247,7 +246,6 @@ def test_compressed_syntaxes_are_stored_byte_exact(
 ) -> None:
     """Every compressed syntax we claim, from our writer, plus dcm4che's real JPEG Lossless."""
     from conftest import small_phantom
-
     from dicom_io.synthetic import SUPPORTED_TRANSFER_SYNTAXES, write_ct_series
 
     hu, spacing = small_phantom(slices=2, size=64)

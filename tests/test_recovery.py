@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pydicom
-from conftest import wait_for
 from sqlalchemy import delete, func, select
-from test_listener import associate
 
+from conftest import wait_for
 from radfinder_node.models import Instance
 from radfinder_node.node import Node
 from radfinder_node.status import node_status
+from test_listener import associate
 
 
 def test_unclean_stop_reindexes_spool_files_without_rows(
