@@ -1,0 +1,317 @@
+"""Vision tower: a 3D backbone, then the feature combiner with a global and a local CLS token.
+
+Structure of the paper code (models/vision_language.py ``_forward_axis2_combiner``): the backbone
+(a ViT on 128 x 128 x 32 windows) yields patch tokens; averaging them over the two in-plane patch
+axes of each window keeps one feature per (window column, depth token), the "axis2" features.
+A linear ``axis_patch_proj`` and a transformer (the feature combiner) mix them over the whole
+volume, with a global CLS and a local CLS token; averaging the combiner's outputs over the
+in-plane cells gives one feature per depth token. The model then projects
+``[local CLS, per-depth feature]`` with a copy of the image head to get per-depth embeddings,
+``[CLS, mean per-depth]`` with the image head for the global embedding, and
+``[local CLS, mean per-depth]`` with the copy for the embedding the disease prompts score.
+
+``tiny`` swaps the ViT for a small 3D CNN whose feature map, pooled to a few in-plane cells per
+depth token, plays the part of the axis2 features. Everything has static shapes and no
+data-dependent control flow, so the graph exports to ONNX; padding depth tokens are masked out
+of attention with an input mask rather than by cropping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.presets import (
+    CNNBackboneConfig,
+    CombinerConfig,
+    ModelSpaceConfig,
+    ViTBackboneConfig,
+)
+
+__all__ = [
+    "Attention",
+    "Block",
+    "CNNBackbone",
+    "Combiner",
+    "ViTBackbone",
+    "VisionTower",
+    "build_backbone",
+]
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. Training and inference in torch use the fused kernel (flash /
+    memory-efficient on GPUs: the paper preset's 36 windows x 512 tokens need it); ONNX export
+    writes it out as MatMul/Softmax with the key mask as a Where, which opset 17 has."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        if torch.onnx.is_in_onnx_export():
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # [b, h, n, n]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = scores.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)  # type: ignore[no-any-return]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale (0 disables it)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gamma1: nn.Parameter | None = None
+        self.gamma2: nn.Parameter | None = None
+        if layer_scale > 0:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        a: torch.Tensor = self.attn(self.norm1(x), key_valid)
+        x = x + (a * self.gamma1 if self.gamma1 is not None else a)
+        m: torch.Tensor = self.mlp(self.norm2(x))
+        return x + (m * self.gamma2 if self.gamma2 is not None else m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones: [B, 1, Z, Y, X] -> [B, D, Gy, Gx, E] (depth token, in-plane cell, feature)
+
+
+def _prime_factors(n: int) -> list[int]:
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+def _groups(c: int) -> int:
+    return math.gcd(c, 8)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(c, c, 3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(_groups(c), c)
+        self.conv2 = nn.Conv3d(c, c, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(c), c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(x + self.norm2(self.conv2(y)))
+
+
+class CNNBackbone(nn.Module):
+    """Strided 3D CNN. Each stage halves y and x; the depth strides multiply to one token.
+
+    A depth stride ``s`` uses a kernel of ``s + 2`` with padding 1, so output ``t`` is centred
+    on input slices ``[s*t, s*t + s)``: the feature of token ``t`` looks at token ``t``'s own
+    slices (plus one on each side), which is what the depth targets assume.
+    """
+
+    def __init__(self, cfg: CNNBackboneConfig, space: ModelSpaceConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        factors = sorted(_prime_factors(space.slices_per_token), reverse=True)
+        n = len(cfg.channels)
+        if len(factors) > n:
+            raise ValueError(f"{space.slices_per_token} slices/token needs more than {n} stages")
+        zstrides = [1] * (n - len(factors)) + factors
+        stages: list[nn.Module] = []
+        cin = 1
+        for c, sz in zip(cfg.channels, zstrides, strict=True):
+            kz, pz = (3, 1) if sz == 1 else (sz + 2, 1)
+            layers: list[nn.Module] = [
+                nn.Conv3d(cin, c, (kz, 3, 3), stride=(sz, 2, 2), padding=(pz, 1, 1), bias=False),
+                nn.GroupNorm(_groups(c), c),
+                nn.GELU(),
+            ]
+            layers += [_ResBlock(c) for _ in range(cfg.blocks_per_stage)]
+            stages.append(nn.Sequential(*layers))
+            cin = c
+        self.stages = nn.Sequential(*stages)
+        _, ny, nx = space.shape
+        fy, fx = ny // 2**n, nx // 2**n
+        gy, gx = cfg.inplane_grid
+        self.pool = (fy // gy, fx // gx)
+        self.out_dim = cfg.out_dim
+        self.grid = (space.n_depth_tokens, gy, gx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stages(x)  # [B, C, D, fy, fx]
+        f = F.avg_pool3d(f, kernel_size=(1, *self.pool))
+        return f.permute(0, 2, 3, 4, 1)
+
+
+class ViTBackbone(nn.Module):
+    """ViT applied to each non-overlapping window of the volume (SPECTRE's local network),
+    returning per window the patch tokens averaged over their in-plane axes."""
+
+    def __init__(self, cfg: ViTBackboneConfig, space: ModelSpaceConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_windows = tuple(n // w for n, w in zip(space.shape, cfg.window, strict=True))
+        self.p_grid = tuple(w // p for w, p in zip(cfg.window, cfg.patch, strict=True))
+        n_patches = math.prod(self.p_grid)
+        e = cfg.embed_dim
+        self.patch_embed = nn.Conv3d(1, e, kernel_size=cfg.patch, stride=cfg.patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, e))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(e, cfg.num_heads, cfg.mlp_ratio, cfg.layer_scale_init) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(e, eps=1e-6)
+        self.apply(_init_linear)
+        self.out_dim = e
+        nwz, nwy, nwx = self.n_windows
+        self.grid = (nwz * self.p_grid[0], nwy, nwx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        (nz, ny, nx), (wz, wy, wx) = self.n_windows, self.cfg.window
+        pz, py, px = self.p_grid
+        w = x.reshape(b, nz, wz, ny, wy, nx, wx).permute(0, 1, 3, 5, 2, 4, 6)
+        w = w.reshape(b * nz * ny * nx, 1, wz, wy, wx)
+        t: torch.Tensor = self.patch_embed(w).flatten(2).transpose(1, 2) + self.pos_embed
+        for blk in self.blocks:
+            t = blk(t)
+        t = self.norm(t)
+        e = t.shape[-1]
+        t = t.reshape(b, nz, ny, nx, pz, py, px, e).mean(dim=(5, 6))  # axis2: [b,nz,ny,nx,pz,e]
+        return t.permute(0, 1, 4, 2, 3, 5).reshape(b, nz * pz, ny, nx, e)
+
+
+def build_backbone(
+    cfg: CNNBackboneConfig | ViTBackboneConfig, space: ModelSpaceConfig
+) -> CNNBackbone | ViTBackbone:
+    if isinstance(cfg, ViTBackboneConfig):
+        return ViTBackbone(cfg, space)
+    return CNNBackbone(cfg, space)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combiner
+
+
+class Combiner(nn.Module):
+    """Transformer over all (depth, cell) features with a global and a local CLS token.
+
+    Position embeddings are learned per axis and summed (depth + row + column): the paper uses
+    RoPE with physical coordinates, which needs per-sample grids; our grids are fixed by the
+    preset, and absolute embeddings keep the ONNX graph static.
+    """
+
+    def __init__(self, cfg: CombinerConfig, in_dim: int, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        e = cfg.embed_dim
+        d, gy, gx = grid
+        self.grid = grid
+        self.axis_patch_proj = nn.Linear(in_dim, e)
+        self.pos_depth = nn.Parameter(torch.zeros(d, e))
+        self.pos_row = nn.Parameter(torch.zeros(gy, e))
+        self.pos_col = nn.Parameter(torch.zeros(gx, e))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.local_cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        for p in (self.pos_depth, self.pos_row, self.pos_col, self.cls_token, self.local_cls_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(e, cfg.num_heads, cfg.mlp_ratio, cfg.layer_scale_init) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(e, eps=1e-6)
+        self.apply(_init_linear)
+        self.out_dim = e
+
+    def forward(
+        self, feats: torch.Tensor, depth_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``feats [B, D, Gy, Gx, Ein]``, ``depth_valid [B, D]`` (bool) ->
+        ``cls [B, E]``, ``local_cls [B, E]``, ``per_depth [B, D, E]``."""
+        b = feats.shape[0]
+        d, gy, gx = self.grid
+        pos = (
+            self.pos_depth[:, None, None, :]
+            + self.pos_row[None, :, None, :]
+            + self.pos_col[None, None, :, :]
+        )
+        x = (self.axis_patch_proj(feats) + pos).reshape(b, d * gy * gx, -1)
+        x = torch.cat(
+            [self.cls_token.expand(b, -1, -1), self.local_cls_token.expand(b, -1, -1), x], dim=1
+        )
+        key_valid: torch.Tensor | None = None
+        if depth_valid is not None:
+            tokens = depth_valid.to(torch.bool)[:, :, None].expand(b, d, gy * gx).reshape(b, -1)
+            key_valid = torch.cat([tokens.new_ones((b, 2)), tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x, key_valid)
+        x = self.norm(x)
+        per_depth = x[:, 2:].reshape(b, d, gy * gx, -1).mean(dim=2)
+        return x[:, 0], x[:, 1], per_depth
+
+
+class VisionTower(nn.Module):
+    """Backbone + combiner: volume ``[B, 1, Z, Y, X]`` -> (cls, local_cls, per-depth features)."""
+
+    def __init__(
+        self,
+        backbone_cfg: CNNBackboneConfig | ViTBackboneConfig,
+        combiner_cfg: CombinerConfig,
+        space: ModelSpaceConfig,
+    ) -> None:
+        super().__init__()
+        self.space = space
+        self.backbone = build_backbone(backbone_cfg, space)
+        if self.backbone.grid[0] != space.n_depth_tokens:
+            raise ValueError(
+                f"backbone gives {self.backbone.grid[0]} depth positions, "
+                f"model space has {space.n_depth_tokens} tokens"
+            )
+        self.combiner = Combiner(combiner_cfg, self.backbone.out_dim, self.backbone.grid)
+        self.out_dim = self.combiner.out_dim
+
+    @property
+    def n_depth_tokens(self) -> int:
+        return self.space.n_depth_tokens
+
+    def forward(
+        self, volume: torch.Tensor, depth_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        expected = (1, *self.space.shape)
+        if not torch.onnx.is_in_onnx_export() and tuple(volume.shape[1:]) != expected:
+            raise ValueError(f"volume must be [B, {expected}], got {tuple(volume.shape)}")
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = self.combiner(
+            self.backbone(volume), depth_valid
+        )
+        return out

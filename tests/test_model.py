@@ -1,0 +1,425 @@
+"""The RadFinder model: shapes, gradients, prompt scoring, text tower, ONNX parity, citations."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.data.labels import LABELS
+from engines.data.reports import REPORT_LABELS, write_report
+from engines.losses import RadFinderLoss
+from engines.model import (
+    PROMPT_TEMPLATES,
+    PromptEmbeddings,
+    RadFinder,
+    TextFeatureCache,
+    TextTower,
+    VisionGraph,
+    build_model,
+    default_text_model_path,
+    disease_prompts,
+    export_vision_onnx,
+    strip_citations,
+)
+from engines.presets import (
+    TINY,
+    CombinerConfig,
+    HeadConfig,
+    LossConfig,
+    ModelConfig,
+    ModelSpaceConfig,
+    Preset,
+    ViTBackboneConfig,
+)
+
+# The tiny preset's architecture on a smaller grid (8 depth tokens of 12 mm), so tests are fast.
+SMALL = dataclasses.replace(
+    TINY, space=ModelSpaceConfig(spacing_mm=(4.0, 2.5, 2.5), shape=(24, 64, 64))
+)
+TEXT_DIM = 24
+
+
+def small_model(preset: Preset = SMALL, seed: int = 0) -> RadFinder:
+    torch.manual_seed(seed)
+    return RadFinder(preset.model, preset.space, text_dim=TEXT_DIM)
+
+
+def volume(b: int, space: ModelSpaceConfig = SMALL.space, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((b, 1, *space.shape), generator=g)
+
+
+def random_prompts(n_labels: int, n_templates: int, dim: int, seed: int = 0) -> PromptEmbeddings:
+    g = torch.Generator().manual_seed(seed)
+    c = F.normalize(torch.randn(n_labels, n_templates, 2, dim, generator=g), dim=-1)
+    loc = F.normalize(torch.randn(n_labels, n_templates, dim, generator=g), dim=-1)
+    return PromptEmbeddings(c, loc)
+
+
+def assert_every_trainable_param_has_grad(model: torch.nn.Module) -> None:
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum().item() == 0)
+    ]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+def training_step(
+    model: RadFinder,
+    report: torch.Tensor,
+    snip: torch.Tensor,
+    prompts: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    valid = torch.ones(2, model.n_depth_tokens, dtype=torch.bool)
+    valid[1, -2:] = False  # the second scan's top tokens are padding
+    out = model(
+        volume(2, model.space),
+        valid,
+        report_features=report,
+        snippet_features=snip,
+        prompt_features=prompts,
+    )
+    n_labels = prompts[0].shape[0]
+    labels = torch.tensor([[1, 0] * (n_labels // 2), [0, -1] * (n_labels // 2)])
+    loss: torch.Tensor = RadFinderLoss(LossConfig(prompt_weight=1.0, localization_weight=1.0))(
+        out,
+        labels=labels,
+        snippet_batch_index=torch.tensor([0, 1, 1]),
+        snippet_target=torch.tensor([2, 0, model.n_depth_tokens - 3]),
+    )["loss"]
+    loss.backward()  # type: ignore[no-untyped-call]
+    return loss
+
+
+# --- shapes and gradients -------------------------------------------------------------------
+
+
+def test_forward_shapes_and_initial_scale() -> None:
+    model = small_model()
+    out = model(volume(2))
+    d, p = SMALL.space.n_depth_tokens, SMALL.model.head.output_dim
+    assert out.image_embedding.shape == (2, p)
+    assert out.image_embedding_local.shape == (2, p)
+    assert out.depth_embeddings.shape == (2, d, p)
+    assert out.depth_valid.shape == (2, d) and bool(out.depth_valid.all())
+    assert model.logit_scale.item() == pytest.approx(np.log(10.0))
+    assert model.logit_bias.item() == -10.0
+    # the copies start as the heads they copy
+    for a, b in zip(
+        model.image_head.parameters(), model.image_head_local.parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_gradient_reaches_every_parameter_of_the_tiny_model() -> None:
+    model = small_model()
+    g = torch.Generator().manual_seed(1)
+    report, snip = torch.randn(2, TEXT_DIM, generator=g), torch.randn(3, TEXT_DIM, generator=g)
+    pos, neg = torch.randn(2, 3, TEXT_DIM, generator=g), torch.randn(2, 3, TEXT_DIM, generator=g)
+    loss = training_step(model, report, snip, (pos, neg))
+    assert torch.isfinite(loss)
+    assert_every_trainable_param_has_grad(model)
+
+
+def test_padding_depths_are_masked_out_of_the_combiner() -> None:
+    """Features at padded depths must not reach CLS tokens or valid depths through attention
+    (the CNN's own receptive field may still cross a token border, as in the paper's windows)."""
+    model = small_model().eval()
+    comb = model.vision.combiner
+    d, gy, gx = comb.grid
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(1, d, gy, gx, model.vision.backbone.out_dim, generator=g)
+    valid = torch.ones(1, d, dtype=torch.bool)
+    valid[0, :2] = False
+    changed = feats.clone()
+    changed[:, :2] = torch.randn(changed[:, :2].shape, generator=g) * 10
+    with torch.no_grad():
+        a, b = comb(feats, valid), comb(changed, valid)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    torch.testing.assert_close(a[2][:, 2:], b[2][:, 2:])
+    pred = model.predict(volume(1), valid, random_prompts(3, 2, model.embed_dim))
+    assert pred.depth_distribution[..., :2].abs().max() == 0
+    torch.testing.assert_close(pred.depth_distribution.sum(-1), torch.ones(1, 3))
+
+
+def test_vit_backbone_variant() -> None:
+    space = ModelSpaceConfig(spacing_mm=(2.0, 1.0, 1.0), shape=(16, 32, 32), depth_token_mm=4.0)
+    vit = ViTBackboneConfig(window=(8, 16, 16), patch=(2, 8, 8), embed_dim=16, depth=1, num_heads=2)
+    cfg = ModelConfig(
+        backbone=vit,
+        combiner=CombinerConfig(embed_dim=16, depth=1, num_heads=2),
+        head=HeadConfig(hidden_dim=32, bottleneck_dim=8, output_dim=16),
+        text=TINY.model.text,
+    )
+    Preset(name="micro-vit", space=space, model=cfg)  # a valid preset
+    torch.manual_seed(0)
+    model = RadFinder(cfg, space, text_dim=TEXT_DIM)
+    out = model(volume(2, space))
+    assert out.depth_embeddings.shape == (2, 8, 16)  # 2 windows x 4 patches along z
+    g = torch.Generator().manual_seed(2)
+    report, snip = torch.randn(2, TEXT_DIM, generator=g), torch.randn(3, TEXT_DIM, generator=g)
+    pos, neg = torch.randn(2, 2, TEXT_DIM, generator=g), torch.randn(2, 2, TEXT_DIM, generator=g)
+    training_step(model, report, snip, (pos, neg))
+    assert_every_trainable_param_has_grad(model)
+
+
+# --- prediction -----------------------------------------------------------------------------
+
+
+def test_probability_is_the_softmax_over_the_prompt_pair() -> None:
+    model = small_model().eval()
+    prompts = random_prompts(4, 3, model.embed_dim, seed=3)
+    x = volume(2)
+    with torch.no_grad():
+        pred = model.predict(x, None, prompts)
+        img = model.encode_image(x)
+    classify, locate = prompts.ensemble()
+    logits = (
+        torch.einsum("bp,lkp->blk", F.normalize(img.image_embedding_local, dim=-1), classify)
+        * model.logit_scale.exp()
+        + model.logit_bias
+    )
+    torch.testing.assert_close(pred.probabilities, logits.softmax(-1)[..., 0])
+    sim = torch.einsum("bdp,lp->bld", F.normalize(img.depth_embeddings, dim=-1), locate) / 0.1
+    torch.testing.assert_close(pred.depth_distribution, sim.softmax(-1))
+    assert pred.depth_argmax.shape == (2, 4)
+    torch.testing.assert_close(pred.image_embedding.norm(dim=-1), torch.ones(2))
+
+
+# --- ONNX -----------------------------------------------------------------------------------
+
+
+def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort  # type: ignore[import-untyped]
+
+    model = small_model(seed=4).eval()
+    prompts = random_prompts(len(LABELS), 2, model.embed_dim, seed=5)
+    path = tmp_path / "vision.onnx"
+    names = export_vision_onnx(model, path, prompts=prompts, batch_size=2)
+    assert names == ["image_embedding", "depth_embeddings", "probabilities", "depth_distribution"]
+
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.dim_value > 0 and not d.dim_param for d in dims), value.name
+
+    x = volume(2, seed=6)
+    valid = torch.ones(2, model.n_depth_tokens, dtype=torch.bool)
+    valid[1, :3] = False
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"volume": x.numpy(), "depth_valid": valid.numpy()})
+    with torch.no_grad():
+        want = VisionGraph(model, prompts).eval()(x, valid)
+        pred = model.predict(x, valid, prompts)
+    assert len(got) == len(want) == 4
+    for name, g, w in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=0, err_msg=name)
+    np.testing.assert_allclose(got[2], pred.probabilities.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[3], pred.depth_distribution.numpy(), atol=1e-4)
+
+
+# --- text tower -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextTower:
+    return TextTower.from_pretrained(max_length=64, freeze=True)
+
+
+def test_minilm_tower_is_frozen_mean_pooled_and_meaningful(minilm: TextTower) -> None:
+    assert minilm.hidden_size == 384
+    assert not any(p.requires_grad for p in minilm.parameters())
+    minilm.train()
+    assert not minilm.encoder.training  # frozen: dropout stays off
+    feats = minilm.embed(
+        ["There is a pleural effusion.", "Fluid in the pleural space.", "The invoice is overdue."]
+    )
+    assert feats.shape == (3, 384) and not feats.requires_grad
+    f = F.normalize(feats, dim=-1)
+    assert (f[0] @ f[1]) > (f[0] @ f[2]) + 0.2
+
+
+def test_text_feature_cache(minilm: TextTower, tmp_path: Path) -> None:
+    cache = TextFeatureCache(minilm, batch_size=2)
+    texts = ["Cardiomegaly is present.", "No effusion.", "Cardiomegaly is present."]
+    a = cache(texts)
+    assert a.shape == (3, 384) and len(cache) == 2
+    torch.testing.assert_close(a[0], a[2])
+    torch.testing.assert_close(a, minilm.embed(texts), atol=1e-5, rtol=1e-5)
+    cache.save(tmp_path / "c.pt")
+    again = TextFeatureCache(minilm)
+    again.load(tmp_path / "c.pt")
+    assert len(again) == 2
+    torch.testing.assert_close(again(texts), a)
+    assert cache([]).shape == (0, 384)
+    other = TextFeatureCache(
+        TextTower(minilm.encoder, minilm.tokenizer, max_length=32, freeze=True, name=minilm.name)
+    )
+    with pytest.raises(ValueError, match="made by"):
+        other.load(tmp_path / "c.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer BERT with MiniLM's tokenizer, saved as a local HF directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    where = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True)
+    tok.save_pretrained(str(where))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(str(where))
+    return where
+
+
+def test_any_local_encoder_trains_end_to_end(tiny_bert: Path) -> None:
+    tower = TextTower.from_pretrained(tiny_bert, max_length=32, freeze=False)
+    assert tower.hidden_size == 16
+    with pytest.raises(ValueError, match="stale"):
+        TextFeatureCache(tower)
+    torch.manual_seed(0)
+    model = RadFinder(SMALL.model, SMALL.space, text_dim=16, text_tower=tower)
+    labels = ["Lung nodule", "Pleural effusion"]
+    pos, neg = disease_prompts(labels, PROMPT_TEMPLATES[:2])
+    feats = model.text_features([t for row in pos + neg for t in row])
+    p, n = feats[:4].reshape(2, 2, -1), feats[4:].reshape(2, 2, -1)
+    report = model.text_features(["Findings: nodule.", "Findings: effusion."])
+    snip = model.text_features(["A nodule.", "An effusion.", "Fluid."])
+    training_step(model, report, snip, (p, n))
+    assert_every_trainable_param_has_grad(model)  # the text encoder included
+    assert any(
+        n.startswith("text.encoder") and p.grad is not None for n, p in model.named_parameters()
+    )
+
+
+def test_build_model_and_prompt_embeddings(minilm: TextTower) -> None:
+    model = build_model(SMALL, text_tower=minilm)
+    assert model.text is minilm and model.text_dim == 384
+    pe = model.prompt_embeddings()
+    assert pe.classify.shape == (18, len(PROMPT_TEMPLATES), 2, SMALL.model.head.output_dim)
+    assert pe.locate.shape == (18, len(PROMPT_TEMPLATES), SMALL.model.head.output_dim)
+    torch.testing.assert_close(pe.classify.norm(dim=-1), torch.ones(18, len(PROMPT_TEMPLATES), 2))
+    headless = build_model(SMALL, load_text=False)
+    assert headless.text is None and headless.text_dim == 384
+    with pytest.raises(RuntimeError):
+        headless.text_features(["x"])
+
+
+def test_disease_prompts() -> None:
+    pos, neg = disease_prompts(LABELS)
+    assert len(pos) == len(neg) == 18 and all(len(r) == len(PROMPT_TEMPLATES) for r in pos)
+    assert pos[9][0] == "Lung nodule is present." and neg[9][0] == "Lung nodule is not present."
+    assert pos[0][2] == "There is evidence of medical material."
+
+
+# --- citation stripping ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (
+            "A 6 mm nodule in the right upper lobe (series 2, image 45).",
+            "A 6 mm nodule in the right upper lobe.",
+        ),
+        ("Nodule on series 2, image 45 in the lower lobe.", "Nodule in the lower lobe."),
+        ("Pleural effusion (Se: 3, Im: 86/232).", "Pleural effusion."),
+        ("Atelectasis at section 48.", "Atelectasis."),
+        (
+            "Consolidation (series 3 section 45) with air bronchograms.",
+            "Consolidation with air bronchograms.",
+        ),
+        ("Rundherd im Unterlappen (Serie 3, Bild 45).", "Rundherd im Unterlappen."),
+        ("Erguss; Serie 3, Bild 45.", "Erguss."),
+        ("Bronchiectasis between images 206 and 286.", "Bronchiectasis."),
+        ("Nodule (image 45 of series 3).", "Nodule."),
+        ("Nodule (in image 45 in series 3).", "Nodule."),
+        ("Nodule (Section No: 45/232).", "Nodule."),
+        ("Herd im 3. Segment (Schicht 12).", "Herd im 3. Segment."),
+        (
+            "Axial sections 1.5 mm thick were obtained.",
+            "Axial sections 1.5 mm thick were obtained.",
+        ),
+        ("No image artefacts; a 5 mm nodule.", "No image artefacts; a 5 mm nodule."),
+    ],
+)
+def test_strip_citations_by_hand(text: str, want: str) -> None:
+    assert strip_citations(text) == want
+
+
+@dataclass
+class _Finding:
+    label: str
+    label_index: int
+    side: str | None
+    lobe: str | None
+    size_mm: float
+    center_voxel: tuple[int, int, int]
+    z_extent: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.mark.parametrize("language", ["en", "de"])
+def test_strip_citations_on_generated_reports(language: str) -> None:
+    """Every citation form the report generator writes strips to its truth snippet."""
+    n = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        findings = []
+        for _ in range(rng.randint(1, 5)):
+            i = rng.randrange(18)
+            a = rng.randrange(60)
+            b = min(79, a + rng.choice((0, 3, 10)))
+            findings.append(
+                _Finding(
+                    REPORT_LABELS[i],
+                    i,
+                    rng.choice(("left", "right", None)),
+                    rng.choice(("upper", "lower", None)),
+                    rng.choice((0.0, 6.0, 14.0)),
+                    (rng.randint(a, b), 5, 5),
+                    (a, b),
+                )
+            )
+        report = write_report(
+            findings,
+            seed=seed,
+            n_slices=80,
+            series_number=rng.choice((2, 301)),
+            language=language,
+            cite_probability=1.0,
+        )
+        stripped = strip_citations(report.findings)
+        for c in report.citations:
+            sentence = report.text[c.sentence_start : c.sentence_end]
+            assert strip_citations(sentence) == " ".join(c.snippet.split())
+            assert report.text[c.start : c.end] not in stripped
+            n += 1
+    assert n > 50
