@@ -77,23 +77,60 @@ def cmd_volume(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from dicom_io.synthetic import write_ct_series
-    from engines.data.phantoms import basic_chest_phantom
+def _triple(text: str) -> tuple[float, float, float]:
+    parts = text.lower().split("x")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected ZxYxX, got {text!r}")
+    z, y, x = (float(p) for p in parts)
+    return z, y, x
 
-    spacing = (args.slice_spacing, args.pixel_spacing, args.pixel_spacing)
-    hu = basic_chest_phantom((args.slices, args.size, args.size), spacing, seed=args.seed)
-    series = write_ct_series(args.out, hu, spacing)
-    print(
-        json.dumps(
-            {
-                "study_uid": series.study_uid,
-                "series_uid": series.series_uid,
-                "files": len(series.paths),
-                "directory": str(Path(args.out).resolve()),
-            }
+
+def _shape(text: str) -> tuple[int, int, int]:
+    z, y, x = _triple(text)
+    return int(z), int(y), int(x)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from radfinder_node import synth
+    from radfinder_node.progress import Progress
+
+    kind = args.synth_command
+    if kind == "preview":
+        path = synth.synth_preview(args.out, args.seed, args.shape, args.spacing)
+        print(json.dumps({"preview": str(path.resolve())}))
+        return 0
+    progress = Progress(args.n, f"synth {kind}")
+    if kind == "dicom":
+        manifest = synth.synth_dicom(
+            args.out,
+            args.n,
+            args.seed,
+            args.shape,
+            args.spacing,
+            transfer_syntax=args.transfer_syntax,
+            shuffle=args.shuffle,
+            with_scout=args.with_scout,
+            with_non_chest=args.with_non_chest,
+            progress=progress,
         )
-    )
+        print(json.dumps({"studies": len(manifest), "directory": str(args.out.resolve())}))
+    elif kind == "hl7":
+        paths = synth.synth_hl7(
+            args.out, args.n, args.seed, args.shape, args.spacing, progress=progress
+        )
+        print(json.dumps({"messages": len(paths), "directory": str(args.out.resolve())}))
+    else:
+        synth.synth_ctrate(
+            args.out,
+            args.n,
+            args.seed,
+            args.shape,
+            args.spacing,
+            split=args.split,
+            workers=args.workers,
+            progress=progress,
+        )
+        print(json.dumps({"volumes": args.n, "directory": str(args.out.resolve())}))
     return 0
 
 
@@ -127,14 +164,36 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--json", action="store_true")
     volume.set_defaults(func=cmd_volume)
 
-    synth = sub.add_parser("synth", help="write a synthetic chest-CT series (for tests, demos)")
-    synth.add_argument("out", type=Path)
-    synth.add_argument("--slices", type=int, default=300)
-    synth.add_argument("--size", type=int, default=512)
-    synth.add_argument("--slice-spacing", type=float, default=1.5)
-    synth.add_argument("--pixel-spacing", type=float, default=0.7)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=cmd_synth)
+    synth = sub.add_parser("synth", help="the synthetic world: studies, reports, datasets")
+    synth_sub = synth.add_subparsers(dest="synth_command", required=True)
+    study_size = {"shape": (300, 512, 512), "spacing": (1.5, 0.7, 0.7)}
+    model_size = {"shape": (64, 128, 128), "spacing": (3.0, 2.5, 2.5)}
+    for name, help_text, size in (
+        ("dicom", "chest-CT studies as DICOM files with report.txt and truth.json", study_size),
+        (
+            "hl7",
+            "ORU^R01 reports of the studies `synth dicom` makes with the same seed",
+            study_size,
+        ),
+        ("ctrate", "a dataset in the CT-RATE layout (NIfTI, CSVs, citation truth)", model_size),
+        ("preview", "a montage PNG with every finding at its key slice", study_size),
+    ):
+        p = synth_sub.add_parser(name, help=help_text)
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--shape", type=_shape, default=size["shape"], help="ZxYxX voxels")
+        p.add_argument("--spacing", type=_triple, default=size["spacing"], help="ZxYxX mm")
+        if name != "preview":
+            p.add_argument("--n", type=int, default=1)
+        if name == "dicom":
+            p.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1")
+            p.add_argument("--shuffle", action="store_true", help="unordered file names")
+            p.add_argument("--with-scout", action="store_true")
+            p.add_argument("--with-non-chest", action="store_true")
+        if name == "ctrate":
+            p.add_argument("--split", default="train")
+            p.add_argument("--workers", type=int, default=2)
+        p.set_defaults(func=cmd_synth)
     return parser
 
 
