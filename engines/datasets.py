@@ -1,0 +1,675 @@
+"""Datasets for training and evaluation: manifest rows, CT-RATE, and phantoms made on the fly.
+
+Every sample goes through ``engines.preprocess.to_model_space``, the one preprocessing that
+serving also uses, so a model can never be trained on a geometry it is not served with. The
+augmentations (flips per the preset, whole-voxel shifts of the crop window) are arguments of
+that same function; it records them in the sample's ``ModelSpace``, and the depth target of
+every snippet is computed *after* them from that record, so a flipped or shifted volume keeps
+correct targets. Snippets whose cited slice falls outside the crop (or in padding) are dropped:
+there is nothing to point at.
+
+Randomness is a pure function of ``(seed, epoch, index)`` (``numpy.random.SeedSequence``), never
+of the worker process or of how many samples came before: the classic bug of forked DataLoader
+workers sharing one RNG state cannot happen, a run gives the same samples for any number of
+workers, and a resumed run sees exactly the samples the interrupted one would have seen.
+
+Text. Snippets are passed through ``strip_citations`` (a snippet that still says "image 45"
+could be localised by reading the number); reports are used as written (the global SigLIP loss
+has no depth to cheat on). ``TextEncoder`` turns texts into pooled text-tower features: through
+a ``TextFeatureCache`` when the preset freezes the tower (each distinct text embedded once),
+through the trainable tower otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from engines.data.labels import LABELS
+from engines.manifest import ManifestRow, Snippet, load_volume, read_ctrate, read_manifest
+from engines.model.radfinder import RadFinder
+from engines.model.text import TextFeatureCache, strip_citations
+from engines.preprocess import ModelSpace, to_model_space
+from engines.presets import AugmentConfig, ModelSpaceConfig
+
+__all__ = [
+    "Batch",
+    "ManifestDataset",
+    "RadFinderDataset",
+    "Sample",
+    "SyntheticDataset",
+    "TextEncoder",
+    "collate",
+    "default_max_shift",
+    "open_dataset",
+    "relative_depth",
+    "sample_seed",
+]
+
+_AXES: Final = ("z", "y", "x")
+# Salts keep the augmentation stream apart from the phantom stream of the same (epoch, index).
+_SALT_AUGMENT: Final = 0x41554731
+_SALT_PHANTOM: Final = 0x50484E54
+
+
+def _split_salt(split: str) -> int:
+    """Phantom stream of a split: training and validation patients never coincide, whatever
+    seeds the two sets were drawn with."""
+    if split == "train":
+        return _SALT_PHANTOM
+    return _SALT_PHANTOM ^ int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "big")
+
+
+def sample_seed(seed: int, epoch: int, index: int, salt: int = 0) -> int:
+    """A 32-bit seed for one sample: independent streams, stable across runs and workers."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(salt)])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def default_max_shift(space: ModelSpaceConfig) -> tuple[int, int, int]:
+    """Largest crop shift (voxels per axis) used when a dataset is not told otherwise.
+
+    Presets carry no shift (only flips), so this is a fixed fraction: 1/16 of each axis, about
+    2.5 cm in every direction for ``tiny``. Large enough that the model cannot learn an
+    absolute-position shortcut for depth, small enough that the chest stays in the crop.
+    """
+    return (space.shape[0] // 16, space.shape[1] // 16, space.shape[2] // 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and batches
+
+
+@dataclass
+class Sample:
+    """One preprocessed volume with its texts and targets.
+
+    ``image [1, Z, Y, X]`` in model space; ``depth_valid [D]``; ``labels [L]`` in {1, 0, -1};
+    per kept snippet its citation-stripped text, the depth token holding the cited z, the z
+    in mm and the label it belongs to (if known). ``snippet_relative_depth`` is where the cited
+    z lies between the lowest and highest valid depth (0 = inferior end, 1 = superior end),
+    independent of flips: the statistic behind the label-prior baseline.
+    """
+
+    index: int
+    volume_id: str
+    image: torch.Tensor
+    depth_valid: torch.Tensor
+    labels: torch.Tensor
+    report: str
+    space: ModelSpace
+    snippets: list[str] = field(default_factory=list)
+    snippet_tokens: list[int] = field(default_factory=list)
+    snippet_z_mm: list[float] = field(default_factory=list)
+    snippet_labels: list[str | None] = field(default_factory=list)
+    snippet_relative_depth: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """Samples stacked for the model; snippets flattened with the index of their volume."""
+
+    image: torch.Tensor
+    depth_valid: torch.Tensor
+    labels: torch.Tensor
+    reports: list[str]
+    snippets: list[str]
+    snippet_batch_index: torch.Tensor
+    snippet_target: torch.Tensor
+    snippet_z_mm: list[float]
+    snippet_labels: list[str | None]
+    snippet_relative_depth: list[float]
+    volume_ids: list[str]
+    indices: list[int]
+    spaces: list[ModelSpace]
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return replace(
+            self,
+            image=self.image.to(device, non_blocking=non_blocking),
+            depth_valid=self.depth_valid.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            snippet_batch_index=self.snippet_batch_index.to(device, non_blocking=non_blocking),
+            snippet_target=self.snippet_target.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU
+        asynchronously."""
+        return replace(
+            self,
+            image=self.image.pin_memory(),
+            depth_valid=self.depth_valid.pin_memory(),
+            labels=self.labels.pin_memory(),
+            snippet_batch_index=self.snippet_batch_index.pin_memory(),
+            snippet_target=self.snippet_target.pin_memory(),
+        )
+
+    def split(self, n: int) -> list[Batch]:
+        """``n`` micro-batches of equal size (gradient accumulation); snippets follow their
+        volume and are re-indexed within the micro-batch."""
+        b = len(self)
+        if n < 1 or b % n:
+            raise ValueError(f"cannot split a batch of {b} into {n} equal micro-batches")
+        size = b // n
+        out: list[Batch] = []
+        sbi = self.snippet_batch_index
+        for k in range(n):
+            lo, hi = k * size, (k + 1) * size
+            keep = ((sbi >= lo) & (sbi < hi)).nonzero().flatten()
+            ki = keep.tolist()
+            out.append(
+                Batch(
+                    image=self.image[lo:hi],
+                    depth_valid=self.depth_valid[lo:hi],
+                    labels=self.labels[lo:hi],
+                    reports=self.reports[lo:hi],
+                    snippets=[self.snippets[i] for i in ki],
+                    snippet_batch_index=sbi[keep] - lo,
+                    snippet_target=self.snippet_target[keep],
+                    snippet_z_mm=[self.snippet_z_mm[i] for i in ki],
+                    snippet_labels=[self.snippet_labels[i] for i in ki],
+                    snippet_relative_depth=[self.snippet_relative_depth[i] for i in ki],
+                    volume_ids=self.volume_ids[lo:hi],
+                    indices=self.indices[lo:hi],
+                    spaces=self.spaces[lo:hi],
+                )
+            )
+        return out
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """DataLoader ``collate_fn``: stack images, flatten snippets."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    sbi: list[int] = []
+    for i, s in enumerate(samples):
+        sbi += [i] * len(s.snippets)
+    return Batch(
+        image=torch.stack([s.image for s in samples]),
+        depth_valid=torch.stack([s.depth_valid for s in samples]),
+        labels=torch.stack([s.labels for s in samples]),
+        reports=[s.report for s in samples],
+        snippets=[t for s in samples for t in s.snippets],
+        snippet_batch_index=torch.tensor(sbi, dtype=torch.long),
+        snippet_target=torch.tensor(
+            [t for s in samples for t in s.snippet_tokens], dtype=torch.long
+        ),
+        snippet_z_mm=[z for s in samples for z in s.snippet_z_mm],
+        snippet_labels=[lb for s in samples for lb in s.snippet_labels],
+        snippet_relative_depth=[r for s in samples for r in s.snippet_relative_depth],
+        volume_ids=[s.volume_id for s in samples],
+        indices=[s.index for s in samples],
+        spaces=[s.space for s in samples],
+    )
+
+
+def relative_depth(space: ModelSpace, z_mm: float) -> float:
+    """Where patient z lies between the centres of the lowest and highest valid depth token
+    (0 inferior, 1 superior), whichever way the model axis runs; clipped to [0, 1]."""
+    valid = np.flatnonzero(space.depth_valid)
+    if valid.size == 0:
+        return 0.5
+    za = space.token_to_z_mm(float(valid[0]))
+    zb = space.token_to_z_mm(float(valid[-1]))
+    lo, hi = min(za, zb), max(za, zb)
+    if hi - lo < 1e-9:
+        return 0.5
+    return float(min(max((z_mm - lo) / (hi - lo), 0.0), 1.0))
+
+
+def _make_sample(
+    index: int,
+    volume_id: str,
+    hu: npt.NDArray[np.float32],
+    spacing: Sequence[float],
+    affine: npt.NDArray[np.float64] | None,
+    report: str,
+    labels: Sequence[int],
+    snippets: Iterable[Snippet],
+    config: ModelSpaceConfig,
+    shift: Sequence[int],
+    flip: Sequence[bool],
+) -> Sample:
+    """The one path from a HU volume and its texts to a training/evaluation sample."""
+    mi = to_model_space(hu, spacing, affine, config=config, shift=shift, flip=flip)
+    space = mi.space
+    sample = Sample(
+        index=index,
+        volume_id=volume_id,
+        image=mi.image,
+        depth_valid=mi.depth_valid,
+        labels=torch.tensor(list(labels), dtype=torch.long),
+        report=report,
+        space=space,
+    )
+    for sn in snippets:
+        token = space.depth_token_at(sn.z_mm)
+        text = strip_citations(sn.text)
+        if token is None or not text:
+            continue
+        sample.snippets.append(text)
+        sample.snippet_tokens.append(int(token))
+        sample.snippet_z_mm.append(float(sn.z_mm))
+        sample.snippet_labels.append(sn.label)
+        sample.snippet_relative_depth.append(relative_depth(space, sn.z_mm))
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class RadFinderDataset(Dataset[Sample]):
+    """Common ground of the datasets: model space, augmentation, epochs, provenance."""
+
+    def __init__(
+        self,
+        space: ModelSpaceConfig,
+        *,
+        augment: AugmentConfig | None = None,
+        max_shift: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.space = space
+        self.augment = augment
+        shift = default_max_shift(space) if max_shift is None else tuple(max_shift)
+        if len(shift) != 3 or min(shift) < 0:
+            raise ValueError(f"max_shift must be 3 non-negative voxel counts, got {max_shift}")
+        self.max_shift = (int(shift[0]), int(shift[1]), int(shift[2]))
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations (and fresh phantoms) depend on the epoch; the trainer sets it."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    def augmentation(self, index: int) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+        """``(shift, flip)`` for a sample: none without ``augment``."""
+        if self.augment is None:
+            return (0, 0, 0), (False, False, False)
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, index, _SALT_AUGMENT))
+        flip = tuple(
+            bool(ax in self.augment.flip_axes and rng.random() < self.augment.flip_prob)
+            for ax in _AXES
+        )
+        shift = tuple(int(rng.integers(-m, m + 1)) if m > 0 else 0 for m in self.max_shift)
+        return (shift[0], shift[1], shift[2]), (flip[0], flip[1], flip[2])
+
+    def label_matrix(self) -> npt.NDArray[np.int64]:
+        """Labels ``[N, L]`` of the whole set (for ``positive_weights``), without pixels."""
+        raise NotImplementedError
+
+    def texts(self) -> list[str]:
+        """Every report and (stripped) snippet text, to warm a text-feature cache; empty when
+        the texts are not known in advance (phantoms made on the fly)."""
+        return []
+
+    def provenance(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ManifestDataset(RadFinderDataset):
+    """Rows of a training manifest or of CT-RATE (``read_ctrate`` gives the same rows)."""
+
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        space: ModelSpaceConfig,
+        *,
+        base_dir: str | Path | None = None,
+        augment: AugmentConfig | None = None,
+        max_shift: Sequence[int] | None = None,
+        seed: int = 0,
+        source: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(space, augment=augment, max_shift=max_shift, seed=seed)
+        self.rows = list(rows)
+        if not self.rows:
+            raise ValueError("the dataset has no rows")
+        self.base_dir = None if base_dir is None else Path(base_dir)
+        self.source = dict(source or {"kind": "rows"})
+
+    @classmethod
+    def from_manifest(
+        cls,
+        path: str | Path,
+        space: ModelSpaceConfig,
+        *,
+        split: str | None = None,
+        **kwargs: Any,
+    ) -> ManifestDataset:
+        """A JSON Lines manifest; ``split`` keeps only rows of that split (rows without a
+        split are kept)."""
+        p = Path(path)
+        rows = [r for r in read_manifest(p) if split is None or r.split in (None, split)]
+        source = {"kind": "manifest", "path": str(p.resolve()), "sha256": _sha256(p)}
+        if split is not None:
+            source["split"] = split
+        return cls(rows, space, base_dir=p.parent, source=source, **kwargs)
+
+    @classmethod
+    def from_ctrate(
+        cls, root: str | Path, space: ModelSpaceConfig, *, split: str = "train", **kwargs: Any
+    ) -> ManifestDataset:
+        rows = list(read_ctrate(root, split))
+        source = {"kind": "ctrate", "path": str(Path(root).resolve()), "split": split}
+        return cls(rows, space, source=source, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self.rows[index]
+        vol = load_volume(row, self.base_dir)
+        shift, flip = self.augmentation(index)
+        return _make_sample(
+            index,
+            row.volume_id,
+            vol.hu,
+            vol.spacing,
+            vol.affine,
+            row.report,
+            row.labels,
+            row.snippets,
+            self.space,
+            shift,
+            flip,
+        )
+
+    def label_matrix(self) -> npt.NDArray[np.int64]:
+        return np.array([r.labels for r in self.rows], dtype=np.int64)
+
+    def texts(self) -> list[str]:
+        out = [r.report for r in self.rows]
+        out += [t for r in self.rows for t in (strip_citations(s.text) for s in r.snippets) if t]
+        return list(dict.fromkeys(out))
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.source, "n_volumes": len(self.rows), "seed": self.seed}
+
+
+def generator_version() -> str:
+    """A fingerprint of the synthetic-world source (phantoms, findings, anatomy, reports): the
+    generator has no version number, and a changed generator must not pass for the old one."""
+    import engines.data as data_pkg
+
+    root = Path(data_pkg.__file__).parent
+    h = hashlib.sha256()
+    for name in ("phantoms.py", "findings.py", "anatomy.py", "raster.py", "reports.py"):
+        p = root / name
+        if p.exists():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class SyntheticDataset(RadFinderDataset):
+    """Phantoms and their reports generated when asked for (``generate_phantom`` +
+    ``write_report``): unlimited data whose every label and citation is true.
+
+    ``length`` samples per epoch. With ``fresh_each_epoch`` sample ``i`` of epoch ``e`` is
+    patient ``(seed, e, i)``, so no volume repeats across epochs; without it the set is fixed
+    (patients ``(seed, 0, i)``) and only the augmentation changes, which is what an overfit
+    test or a fixed validation set needs. ``split`` selects an independent stream of patients,
+    so a ``"valid"`` set never contains a ``"train"`` patient. The phantom is rendered on
+    ``native_shape`` / ``native_spacing`` (default: the model space itself, so resampling is
+    nearly the identity).
+    """
+
+    def __init__(
+        self,
+        space: ModelSpaceConfig,
+        length: int,
+        *,
+        seed: int = 0,
+        fresh_each_epoch: bool = True,
+        native_shape: Sequence[int] | None = None,
+        native_spacing: Sequence[float] | None = None,
+        phantom_config: Any = None,
+        augment: AugmentConfig | None = None,
+        max_shift: Sequence[int] | None = None,
+        cite_probability: float = 0.9,
+        language: str = "en",
+        split: str = "train",
+    ) -> None:
+        super().__init__(space, augment=augment, max_shift=max_shift, seed=seed)
+        self.split = split
+        if length < 1:
+            raise ValueError(f"length must be positive, got {length}")
+        self.length = int(length)
+        self.fresh_each_epoch = bool(fresh_each_epoch)
+        shape = tuple(space.shape if native_shape is None else native_shape)
+        spacing = tuple(space.spacing_mm if native_spacing is None else native_spacing)
+        self.native_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.native_spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+        self.phantom_config = phantom_config
+        self.cite_probability = float(cite_probability)
+        self.language = language
+
+    def __len__(self) -> int:
+        return self.length
+
+    def patient_seed(self, index: int) -> int:
+        epoch = self.epoch if self.fresh_each_epoch else 0
+        return sample_seed(self.seed, epoch, index, _split_salt(self.split))
+
+    def __getitem__(self, index: int) -> Sample:
+        from engines.data.phantoms import generate_phantom
+        from engines.data.reports import write_report
+
+        pseed = self.patient_seed(index)
+        phantom = generate_phantom(
+            self.native_shape, self.native_spacing, seed=pseed, config=self.phantom_config
+        )
+        rng = random.Random(pseed)
+        n = int(phantom.hu.shape[0])
+        top_first = rng.random() < 0.5
+        labels = [int(v) for v in np.asarray(phantom.labels).reshape(-1)]
+        report = write_report(
+            phantom.findings,
+            seed=pseed,
+            n_slices=n,
+            series_number=rng.choice((2, 3, 4, 5, 201, 301)),
+            instance_number_of_z=(lambda z: n - z) if top_first else (lambda z: z + 1),
+            language=self.language,
+            present_labels={lb for lb, v in zip(LABELS, labels, strict=True) if v == 1},
+            cite_probability=self.cite_probability,
+        )
+        affine = np.asarray(phantom.affine, dtype=np.float64)
+        snippets = [
+            Snippet(
+                text=c.snippet,
+                z_mm=float((affine @ np.array([c.z_index, 0.0, 0.0, 1.0]))[2]),
+                label=c.finding_label,
+            )
+            for c in report.citations
+            if c.snippet.strip()
+        ]
+        shift, flip = self.augmentation(index)
+        return _make_sample(
+            index,
+            f"synthetic-{self.seed}-{pseed:08x}",
+            phantom.hu,
+            phantom.spacing,
+            affine,
+            report.text,
+            labels,
+            snippets,
+            self.space,
+            shift,
+            flip,
+        )
+
+    def label_matrix(self) -> npt.NDArray[np.int64]:
+        """Expected labels: the phantom prevalences, as a 1000-patient table drawn with a
+        fixed seed (the actual patients are only known once rendered)."""
+        from engines.data.phantoms import PhantomConfig, sample_labels
+
+        config = self.phantom_config if self.phantom_config is not None else PhantomConfig()
+        rng = np.random.default_rng(self.seed)
+        out = np.zeros((1000, len(LABELS)), dtype=np.int64)
+        for i in range(out.shape[0]):
+            present = set(sample_labels(rng, config))
+            out[i] = [1 if lb in present else 0 for lb in LABELS]
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "kind": "synthetic",
+            "split": self.split,
+            "length": self.length,
+            "seed": self.seed,
+            "fresh_each_epoch": self.fresh_each_epoch,
+            "native_shape": list(self.native_shape),
+            "native_spacing": list(self.native_spacing),
+            "generator_version": generator_version(),
+        }
+
+
+DataSpec = str | Path | RadFinderDataset | Sequence[ManifestRow]
+
+
+def open_dataset(
+    data: DataSpec,
+    space: ModelSpaceConfig,
+    *,
+    split: str = "train",
+    augment: AugmentConfig | None = None,
+    max_shift: Sequence[int] | None = None,
+    seed: int = 0,
+    synthetic_length: int = 1000,
+) -> RadFinderDataset:
+    """What the CLI hands over, as a dataset.
+
+    ``"synthetic"`` or ``"synthetic:N"``: phantoms on the fly (N per epoch; fresh every epoch
+    for ``split="train"``, a fixed set otherwise, drawn with ``seed``); a ``.jsonl`` path: a
+    training manifest (rows of ``split`` and rows without one); a directory: CT-RATE's
+    ``dataset/`` folder (``split`` is ``train`` or ``valid``); rows; or a dataset, returned as is.
+    """
+    if isinstance(data, RadFinderDataset):
+        return data
+    if isinstance(data, str) and (data == "synthetic" or data.startswith("synthetic:")):
+        n = int(data.split(":", 1)[1]) if ":" in data else synthetic_length
+        return SyntheticDataset(
+            space,
+            n,
+            seed=seed,
+            fresh_each_epoch=split == "train",
+            augment=augment,
+            max_shift=max_shift,
+            split=split,
+        )
+    if isinstance(data, str | Path):
+        p = Path(data)
+        if p.is_dir():
+            return ManifestDataset.from_ctrate(
+                p, space, split=split, augment=augment, max_shift=max_shift, seed=seed
+            )
+        if not p.exists():
+            raise FileNotFoundError(f"no manifest or CT-RATE folder at {p}")
+        return ManifestDataset.from_manifest(
+            p, space, split=split, augment=augment, max_shift=max_shift, seed=seed
+        )
+    return ManifestDataset(list(data), space, augment=augment, max_shift=max_shift, seed=seed)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text features
+
+
+class TextEncoder:
+    """Pooled text-tower features of the model's tower, cached when the tower is frozen.
+
+    A frozen tower's output never changes, so each distinct text is embedded once
+    (``TextFeatureCache``). Texts made on the fly (phantom reports) are mostly unique, so the
+    cache is emptied when it passes ``max_cached`` entries instead of growing for ever. A
+    trainable tower is run every time, with gradients when asked for.
+    """
+
+    def __init__(self, model: RadFinder, *, cache: bool = True, max_cached: int = 200_000) -> None:
+        if model.text is None:
+            raise ValueError("the model has no text tower; build it with load_text=True")
+        self.model = model
+        self.tower = model.text
+        self.cached = bool(cache and self.tower.frozen)
+        self.max_cached = int(max_cached)
+        self.cache: TextFeatureCache | None = TextFeatureCache(self.tower) if self.cached else None
+
+    @property
+    def trainable(self) -> bool:
+        return not self.tower.frozen
+
+    def __call__(self, texts: Sequence[str], *, grad: bool = False) -> torch.Tensor:
+        """Features ``[N, H]`` on the tower's device (float32)."""
+        device = next(self.tower.parameters()).device
+        if not texts:
+            return torch.zeros((0, self.tower.hidden_size), device=device)
+        if self.cache is not None:
+            if len(self.cache) > self.max_cached:
+                self.cache = TextFeatureCache(self.tower)
+            return self.cache(texts).to(device)
+        if grad and self.trainable:
+            return self.tower.embed(texts).float()
+        with torch.no_grad():
+            return self.tower.embed(texts).float()
+
+    def warm(
+        self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Embed ``texts`` into the cache ahead of training (no-op without a cache)."""
+        if self.cache is None:
+            return
+        todo = list(dict.fromkeys(texts))
+        step = max(self.cache.batch_size * 4, 1)
+        for i in range(0, len(todo), step):
+            self.cache(todo[i : i + step])
+            if progress is not None:
+                progress(min(i + step, len(todo)), len(todo))
+
+    def save(self, path: str | Path) -> None:
+        if self.cache is not None:
+            self.cache.save(path)
+
+    def load(self, path: str | Path) -> None:
+        if self.cache is not None and Path(path).exists():
+            self.cache.load(path)
+
+    def prompt_features(
+        self, labels: Sequence[str] = LABELS, *, grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features ``([L, V, H], [L, V, H])`` of the positive and negative prompts."""
+        from engines.model.text import PROMPT_TEMPLATES, disease_prompts
+
+        pos, neg = disease_prompts(labels, PROMPT_TEMPLATES)
+        n_l, n_v = len(pos), len(PROMPT_TEMPLATES)
+        flat = [t for row in pos for t in row] + [t for row in neg for t in row]
+        feats = self(flat, grad=grad)
+        p, n = feats[: n_l * n_v], feats[n_l * n_v :]
+        return p.reshape(n_l, n_v, -1), n.reshape(n_l, n_v, -1)
