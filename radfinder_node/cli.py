@@ -134,6 +134,61 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from engines.training import train
+
+    result = train(
+        args.preset,
+        args.data,
+        args.out,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch=args.batch,
+        accum=args.accum,
+        resume=args.resume,
+        seed=args.seed,
+        workers=args.workers,
+        localization=not args.no_localization,
+    )
+    print(
+        json.dumps(
+            {
+                "run_dir": str(result.run_dir),
+                "checkpoint": str(result.checkpoint),
+                "step": result.step,
+            }
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from engines.evaluation import evaluate
+
+    result = evaluate(
+        args.bundle,
+        args.data,
+        args.out,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        no_localization=args.no_localization_run,
+        split=args.split,
+        workers=args.workers,
+    )
+    print(json.dumps({"out_dir": str(result.out_dir)}))
+    return 0
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    from engines.bundle import export_bundle
+
+    bundle = export_bundle(
+        args.run, args.out, validation_data=args.validation_data, overwrite=args.overwrite
+    )
+    print(json.dumps({"bundle": str(args.out.resolve()), "name": bundle.name}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfinder-node", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML file (default ./radfinder.toml)")
@@ -194,6 +249,44 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="train")
             p.add_argument("--workers", type=int, default=2)
         p.set_defaults(func=cmd_synth)
+
+    train = sub.add_parser("train", help="train RadFinder (tiny on CPU, paper on GPUs)")
+    train.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="manifest .jsonl, a CT-RATE dataset folder, or synthetic[:N] (fresh phantoms)",
+    )
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--steps", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch", type=int)
+    train.add_argument("--accum", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0)
+    train.add_argument("--no-localization", action="store_true", help="ablation")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="CT-RATE protocol: retrieval, AUC, localization")
+    ev.add_argument("--bundle", type=Path, required=True, help="bundle dir or checkpoint")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--split", default="valid")
+    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--no-localization-run", type=Path, help="checkpoint trained without it")
+    ev.set_defaults(func=cmd_evaluate)
+
+    bundle = sub.add_parser("bundle", help="model bundles")
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True)
+    export = bundle_sub.add_parser("export", help="write a bundle from a training run")
+    export.add_argument("run", type=Path)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--validation-data", help="data to choose thresholds on (Youden J)")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_bundle_export)
     return parser
 
 
