@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -272,7 +273,7 @@ def _make_sample(
 # Datasets
 
 
-class RadFinderDataset(Dataset[Sample]):
+class RadFinderDataset(Dataset[Sample], ABC):
     """Common ground of the datasets: model space, augmentation, epochs, provenance."""
 
     def __init__(
@@ -296,11 +297,11 @@ class RadFinderDataset(Dataset[Sample]):
         """Augmentations (and fresh phantoms) depend on the epoch; the trainer sets it."""
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> Sample:
-        raise NotImplementedError
+    @abstractmethod
+    def __getitem__(self, index: int) -> Sample: ...
 
     def augmentation(self, index: int) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
         """``(shift, flip)`` for a sample: none without ``augment``."""
@@ -314,17 +315,17 @@ class RadFinderDataset(Dataset[Sample]):
         shift = tuple(int(rng.integers(-m, m + 1)) if m > 0 else 0 for m in self.max_shift)
         return (shift[0], shift[1], shift[2]), (flip[0], flip[1], flip[2])
 
+    @abstractmethod
     def label_matrix(self) -> npt.NDArray[np.int64]:
         """Labels ``[N, L]`` of the whole set (for ``positive_weights``), without pixels."""
-        raise NotImplementedError
 
     def texts(self) -> list[str]:
         """Every report and (stripped) snippet text, to warm a text-feature cache; empty when
         the texts are not known in advance (phantoms made on the fly)."""
         return []
 
-    def provenance(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def provenance(self) -> dict[str, Any]: ...
 
 
 class ManifestDataset(RadFinderDataset):
