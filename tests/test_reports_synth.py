@@ -263,3 +263,23 @@ def test_bad_input_is_refused() -> None:
         write_report(bad, seed=1, n_slices=10, series_number=2)
     with pytest.raises(ValueError, match="language"):
         write_report([], seed=1, n_slices=10, series_number=2, language="fr")
+
+
+def test_every_citation_lands_on_a_slice_that_shows_its_finding() -> None:
+    """With the real generator: the cited slice holds voxels of the cited finding's mask."""
+    from engines.data.labels import LABELS
+    from engines.data.phantoms import generate_phantom
+
+    checked = 0
+    for seed in range(4):
+        phantom = generate_phantom((48, 96, 96), (5.0, 3.5, 3.5), seed=seed, labels=list(LABELS))
+        report = write_report(
+            phantom.findings, seed=seed, n_slices=48, series_number=2, cite_probability=1.0
+        )
+        by_label = {f.label: f for f in phantom.findings}
+        for c in report.citations:
+            mask = by_label[c.finding_label].full_mask(phantom.hu.shape)
+            for z in c.z_indices:
+                assert mask[z].any(), (seed, c.finding_label, z)
+                checked += 1
+    assert checked >= 40

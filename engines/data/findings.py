@@ -97,6 +97,12 @@ class Finding:
         z0, z1, y0, y1, x0, x1 = self.bbox
         return slice(z0, z1), slice(y0, y1), slice(x0, x1)
 
+    def mask_z(self) -> tuple[int, ...]:
+        """The z indices whose slice shows the finding (scattered findings leave gaps in
+        ``z_extent``; a citation must point at a slice that shows it)."""
+        present = np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(axis=1))
+        return tuple(int(self.bbox[0] + z) for z in present)
+
     def full_mask(self, shape: tuple[int, int, int]) -> npt.NDArray[np.bool_]:
         """The mask as a boolean array of the whole volume."""
         out = np.zeros(shape, dtype=bool)
@@ -210,8 +216,9 @@ def _mask_of(res: SplatResult, rel: float = 0.5, floor: float = 0.5) -> I64:
     return res.mask_indices(rel=rel, floor=floor)
 
 
-def _roomy(anat: Anatomy, rng: np.random.Generator, occ: Occupied, cands: F64,
-           radius: float) -> F64:
+def _roomy(
+    anat: Anatomy, rng: np.random.Generator, occ: Occupied, cands: F64, radius: float
+) -> F64:
     """The candidate with the most free lung within ``radius``: a lesion of that size placed
     there is not cut away by the mediastinum, the diaphragm or another finding."""
     if cands.shape[0] <= 1:
@@ -246,8 +253,7 @@ def _plan_medical_material(anat: Anatomy, rng: np.random.Generator, occ: Occupie
     xm = anat.xm
     h0 = anat.heart()
     svc_top = np.array([xm - 29 * k, float(anat.y_trachea(0.8)) - 14 * k, float(anat.z(0.8))])
-    ra = np.array([xm - 25 * k, float(anat.y_trachea(0.55)) - 12 * k,
-                   h0.center[2] + 0.35 * h0.c])
+    ra = np.array([xm - 25 * k, float(anat.y_trachea(0.55)) - 12 * k, h0.center[2] + 0.35 * h0.c])
     extra: dict[str, Any] = {"kind": kind}
     if kind == "sternotomy wires":
         n = int(rng.integers(4, 8))
@@ -258,12 +264,23 @@ def _plan_medical_material(anat: Anatomy, rng: np.random.Generator, occ: Occupie
             wx = float(np.interp(t, [0.22, 0.3, 0.7, 0.74, 0.8, 0.93], [6, 12, 14, 16, 24, 26]))
             yc = float(anat.prof("yant", t)) - wy * k - 1.0 * k
             ang = np.linspace(0, 2 * np.pi, 17)
-            pts = np.stack([xm + (wx + 2.0) * k * np.cos(ang), yc + (wy + 2.0) * k * np.sin(ang),
-                            np.full(17, float(anat.z(t)))], axis=1)
+            pts = np.stack(
+                [
+                    xm + (wx + 2.0) * k * np.cos(ang),
+                    yc + (wy + 2.0) * k * np.sin(ang),
+                    np.full(17, float(anat.z(t))),
+                ],
+                axis=1,
+            )
             loops.append(polyline_prims(pts, 0.6, _STEEL))
         prims = concat_prims(loops)
-        center = np.array([xm, float(anat.prof("yant", float(ts[n // 2]))) - 8 * k,
-                           float(anat.z(float(ts[n // 2])))])
+        center = np.array(
+            [
+                xm,
+                float(anat.prof("yant", float(ts[n // 2]))) - 8 * k,
+                float(anat.z(float(ts[n // 2]))),
+            ]
+        )
         side = None
         size = float(np.interp(float(ts[n // 2]), [0.3, 0.7, 0.93], [12, 14, 26])) * 2 * k
         extra.update(count=n, material="steel")
@@ -275,10 +292,17 @@ def _plan_medical_material(anat: Anatomy, rng: np.random.Generator, occ: Occupie
         # A reservoir about 25 mm across and 12 mm deep, in the fat on the pectoral fascia.
         y = _skin_y(anat, x, t) + max(7.0, 0.7 * anat.f_ant) + 6.0
         p = np.array([x, y, float(anat.z(t))])
-        disks = Disks(p[None, :], np.array([[0.0, 1.0, 0.0]]), np.array([10.0]),
-                      np.array([6.0]), np.array([_TITANIUM]), np.zeros(1, dtype=np.int64))
-        vein = np.array([xm + sgn * 30 * k, float(anat.prof("yant", 0.92)) + 8 * k,
-                         float(anat.z(0.92))])
+        disks = Disks(
+            p[None, :],
+            np.array([[0.0, 1.0, 0.0]]),
+            np.array([10.0]),
+            np.array([6.0]),
+            np.array([_TITANIUM]),
+            np.zeros(1, dtype=np.int64),
+        )
+        vein = np.array(
+            [xm + sgn * 30 * k, float(anat.prof("yant", 0.92)) + 8 * k, float(anat.z(0.92))]
+        )
         line = np.vstack([p, (p + vein) / 2 + [0.0, 0.0, 8.0], vein, svc_top, ra])
         prims = polyline_prims(line, 1.3, 900.0)
         center = p
@@ -291,10 +315,17 @@ def _plan_medical_material(anat: Anatomy, rng: np.random.Generator, occ: Occupie
         x = xm + sgn * float(rng.uniform(0.38, 0.5)) * float(anat.prof("bx", t))
         y = _skin_y(anat, x, t) + max(7.0, 0.6 * anat.f_ant)
         p = np.array([x, y, float(anat.z(t))])
-        disks = Disks(p[None, :], np.array([[sgn * 0.25, -0.97, 0.0]]), np.array([21.0]),
-                      np.array([3.5]), np.array([_TITANIUM]), np.zeros(1, dtype=np.int64))
-        vein = np.array([xm + sgn * 32 * k, float(anat.prof("yant", 0.92)) + 9 * k,
-                         float(anat.z(0.92))])
+        disks = Disks(
+            p[None, :],
+            np.array([[sgn * 0.25, -0.97, 0.0]]),
+            np.array([21.0]),
+            np.array([3.5]),
+            np.array([_TITANIUM]),
+            np.zeros(1, dtype=np.int64),
+        )
+        vein = np.array(
+            [xm + sgn * 32 * k, float(anat.prof("yant", 0.92)) + 9 * k, float(anat.z(0.92))]
+        )
         rv = np.asarray(h0.surface_point(np.array([0.6]), np.array([math.pi]), -6.0 * k))[0]
         leads = []
         for tip in (ra + np.array([6 * k, 4 * k, -6 * k]), rv):
@@ -320,8 +351,14 @@ def _plan_medical_material(anat: Anatomy, rng: np.random.Generator, occ: Occupie
 
 
 def _wall_plaques(
-    rng: np.random.Generator, pts: F64, rad: F64, n: int, sel_p: F64 | None,
-    length: tuple[float, float], thick: tuple[float, float], depth: float,
+    rng: np.random.Generator,
+    pts: F64,
+    rad: F64,
+    n: int,
+    sel_p: F64 | None,
+    length: tuple[float, float],
+    thick: tuple[float, float],
+    depth: float,
 ) -> tuple[Prims, list[int], F64]:
     """Short curved plaques in the wall of a vessel given by centre points and radii."""
     idx = rng.choice(pts.shape[0], size=n, p=sel_p)
@@ -345,19 +382,31 @@ def _wall_plaques(
         v_list.append(float(rng.uniform(400.0, 1000.0)))
         lengths.append(ln)
         del j
-    prims = Prims(np.array(a_list), np.array(b_list), np.array(r_list), np.array(r_list),
-                  np.array(v_list), np.arange(n, dtype=np.int64))
+    prims = Prims(
+        np.array(a_list),
+        np.array(b_list),
+        np.array(r_list),
+        np.array(r_list),
+        np.array(v_list),
+        np.arange(n, dtype=np.int64),
+    )
     return prims, [int(i) for i in idx], np.array(lengths)
 
 
 def _plan_arterial_calcification(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
     severity = str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.35, 0.2]))
-    n = int({"mild": rng.integers(3, 8), "moderate": rng.integers(8, 20),
-             "severe": rng.integers(20, 40)}[severity])
+    n = int(
+        {
+            "mild": rng.integers(3, 8),
+            "moderate": rng.integers(8, 20),
+            "severe": rng.integers(20, 40),
+        }[severity]
+    )
     h0 = anat.heart()
     pts, rad, seg = anat.aorta_centerline(h0)
-    w = np.array([{"ascending aorta": 0.4, "aortic arch": 1.6, "descending aorta": 1.0}[s]
-                  for s in seg])
+    w = np.array(
+        [{"ascending aorta": 0.4, "aortic arch": 1.6, "descending aorta": 1.0}[s] for s in seg]
+    )
     # Keep plaques inside the scanned range.
     ez = anat.grid.extent_mm()[2]
     w = w * ((pts[:, 2] > 3.0) & (pts[:, 2] < ez - 3.0))
@@ -368,12 +417,10 @@ def _plan_arterial_calcification(anat: Anatomy, rng: np.random.Generator, occ: O
     biggest = int(np.argmax(lengths))
     center = (prims.a[biggest] + prims.b[biggest]) / 2
     segs = sorted({seg[i] for i in idx})
-    extra = {"count": n, "severity": severity, "segments": segs,
-             "hu_range": (400, 1000)}
+    extra = {"count": n, "severity": severity, "segments": segs, "hu_range": (400, 1000)}
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
-        res = splat(canvas, prims, mode="max",
-                    allowed=frozenset({T.VESSEL, T.MEDIASTINUM} | LUNG))
+        res = splat(canvas, prims, mode="max", allowed=frozenset({T.VESSEL, T.MEDIASTINUM} | LUNG))
         return _mask_of(res)
 
     return Plan(LABELS[1], None, None, float(lengths.max()), center, extra, draw=draw)
@@ -386,15 +433,22 @@ def _plan_cardiomegaly(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -
     # Mostly mild to moderate enlargement (normal: 0.40-0.50).
     ctr = 0.53 + 0.12 * float(rng.beta(1.5, 2.5))
     h = anat.heart(ctr=ctr)
-    extra = {"ctr": ctr, "thorax_width_mm": anat.thorax_width,
-             "normal_ctr": anat.ctr_normal}
+    extra = {"ctr": ctr, "thorax_width_mm": anat.thorax_width, "normal_ctr": anat.ctr_normal}
 
     def center_fn(heart: HeartSpec) -> F64:
         return np.asarray(heart.center, dtype=np.float64)
 
-    return Plan(LABELS[2], None, None, h.transverse_diameter(), np.asarray(h.center), extra,
-                mask_codes=frozenset({T.HEART, T.EPICARDIAL_FAT}), ctr=ctr,
-                center_fn=center_fn)
+    return Plan(
+        LABELS[2],
+        None,
+        None,
+        h.transverse_diameter(),
+        np.asarray(h.center),
+        extra,
+        mask_codes=frozenset({T.HEART, T.EPICARDIAL_FAT}),
+        ctr=ctr,
+        center_fn=center_fn,
+    )
 
 
 def _plan_pericardial_effusion(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
@@ -405,9 +459,17 @@ def _plan_pericardial_effusion(anat: Anatomy, rng: np.random.Generator, occ: Occ
         cx, cy, cz = heart.center
         return np.array([cx, cy + heart.b + heart.epi + 0.75 * fluid, cz])
 
-    return Plan(LABELS[3], None, None, fluid, np.zeros(3),
-                {"grade": grade, "max_thickness_mm": fluid, "distribution": "dependent"},
-                mask_codes=frozenset({T.PERICARDIAL_FLUID}), fluid=fluid, center_fn=center_fn)
+    return Plan(
+        LABELS[3],
+        None,
+        None,
+        fluid,
+        np.zeros(3),
+        {"grade": grade, "max_thickness_mm": fluid, "distribution": "dependent"},
+        mask_codes=frozenset({T.PERICARDIAL_FLUID}),
+        fluid=fluid,
+        center_fn=center_fn,
+    )
 
 
 # --- 4 Coronary artery wall calcification ---------------------------------------------------
@@ -421,8 +483,12 @@ def _plan_coronary_calcification(anat: Anatomy, rng: np.random.Generator, occ: O
     total = sum(counts.values())
     grade = "mild" if total <= 3 else ("moderate" if total <= 8 else "severe")
     seeds = int(rng.integers(0, 2**31))
-    extra: dict[str, Any] = {"vessels": vessels, "count": total, "severity": grade,
-                             "hu_range": (400, 1000)}
+    extra: dict[str, Any] = {
+        "vessels": vessels,
+        "count": total,
+        "severity": grade,
+        "hu_range": (400, 1000),
+    }
     state: dict[str, Any] = {}
 
     def plaques(heart: HeartSpec) -> tuple[Prims, F64, float]:
@@ -435,11 +501,10 @@ def _plan_coronary_calcification(anat: Anatomy, rng: np.random.Generator, occ: O
                 n = pts.shape[0]
                 # Proximal two thirds, where plaque is commonest.
                 w = np.linspace(1.5, 0.3, n)
-                w[int(0.7 * n):] = 0.05
+                w[int(0.7 * n) :] = 0.05
                 w /= w.sum()
                 rad = np.full(n, 1.7 * anat.k)
-                pr, _, ln = _wall_plaques(r2, pts, rad, counts[v], w, (1.5, 6.0), (0.6, 1.5),
-                                          0.0)
+                pr, _, ln = _wall_plaques(r2, pts, rad, counts[v], w, (1.5, 6.0), (0.6, 1.5), 0.0)
                 parts.append(pr)
                 lens.append(ln)
             prims = concat_prims(parts)
@@ -455,8 +520,12 @@ def _plan_coronary_calcification(anat: Anatomy, rng: np.random.Generator, occ: O
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         prims = plaques(heart)[0]
-        res = splat(canvas, prims, mode="max",
-                    allowed=frozenset({T.VESSEL, T.EPICARDIAL_FAT, T.PERICARDIUM, T.HEART}))
+        res = splat(
+            canvas,
+            prims,
+            mode="max",
+            allowed=frozenset({T.VESSEL, T.EPICARDIAL_FAT, T.PERICARDIUM, T.HEART}),
+        )
         return _mask_of(res)
 
     size = float(rng.uniform(2.0, 6.0))
@@ -484,17 +553,42 @@ def _plan_hiatal_hernia(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
     gas_frac = float(rng.uniform(0.45, 0.85))
     level = cy - (b - 2.5) + 2.0 * (b - 2.5) * gas_frac
     # A hernia indents the back of the heart (the left atrium), not the other way round.
-    allowed = frozenset(LUNG | {T.MEDIASTINUM, T.ESOPHAGUS, T.GAS, T.STOMACH, T.PERICARDIUM,
-                                T.PERICARDIAL_FLUID, T.EPICARDIAL_FAT, T.HEART})
+    allowed = frozenset(
+        LUNG
+        | {
+            T.MEDIASTINUM,
+            T.ESOPHAGUS,
+            T.GAS,
+            T.STOMACH,
+            T.PERICARDIUM,
+            T.PERICARDIAL_FLUID,
+            T.EPICARDIAL_FAT,
+            T.HEART,
+        }
+    )
     layers = [
         Layer(T.STOMACH, sac, allowed),
         Layer(T.GAS, _and(inner, HalfSpace(1, level, below=True)), frozenset({T.STOMACH})),
     ]
-    extra = {"type": "sliding", "height_mm": height, "width_mm": width,
-             "gas_fraction": gas_frac, "contents": "gas and fluid"}
+    extra = {
+        "type": "sliding",
+        "height_mm": height,
+        "width_mm": width,
+        "gas_fraction": gas_frac,
+        "contents": "gas and fluid",
+    }
     center = np.array([cx, cy, cz])
-    return Plan(LABELS[5], None, None, height, center, extra, layers=layers, mask_shape=sac,
-                mask_codes=frozenset({T.STOMACH, T.GAS}))
+    return Plan(
+        LABELS[5],
+        None,
+        None,
+        height,
+        center,
+        extra,
+        layers=layers,
+        mask_shape=sac,
+        mask_codes=frozenset({T.STOMACH, T.GAS}),
+    )
 
 
 def _and(a: Shape, b: Shape) -> Shape:
@@ -533,9 +627,14 @@ def _plan_lymphadenopathy(anat: Anatomy, rng: np.random.Generator, occ: Occupied
         b_l.append(c + ax * half)
         r_l.append(0.5 * short)
         shorts.append(short)
-    prims = Prims(np.array(a_l), np.array(b_l), np.array(r_l), np.array(r_l),
-                  np.full(n, anat.hu.values[T.NODE] + float(rng.uniform(-5, 5))),
-                  np.arange(n, dtype=np.int64))
+    prims = Prims(
+        np.array(a_l),
+        np.array(b_l),
+        np.array(r_l),
+        np.array(r_l),
+        np.full(n, anat.hu.values[T.NODE] + float(rng.uniform(-5, 5))),
+        np.arange(n, dtype=np.int64),
+    )
     big = int(np.argmax(shorts))
     center = (prims.a[big] + prims.b[big]) / 2
     xs = (prims.a[:, 0] + prims.b[:, 0]) / 2
@@ -544,8 +643,7 @@ def _plan_lymphadenopathy(anat: Anatomy, rng: np.random.Generator, occ: Occupied
     extra = {"stations": pick, "short_axes_mm": [round(s, 1) for s in shorts], "count": n}
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
-        res = splat(canvas, prims, mode="max",
-                    allowed=frozenset(LUNG | {T.MEDIASTINUM, T.NODE}))
+        res = splat(canvas, prims, mode="max", allowed=frozenset(LUNG | {T.MEDIASTINUM, T.NODE}))
         return _mask_of(res)
 
     return Plan(LABELS[6], side, None, float(max(shorts)), center, extra, draw=draw)
@@ -567,9 +665,12 @@ def _plan_emphysema(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> P
         n = int(25 * mult)
         m = 3 * n
         rad = rng.uniform(3.0, 8.0, m)
-        cand, _ = anat.costal_points(np.where(rng.random(m) < 0.5, -1.0, 1.0),
-                                     rng.uniform(0.45, 0.95, m), rng.uniform(0.3, 2.8, m),
-                                     rad + 0.5)
+        cand, _ = anat.costal_points(
+            np.where(rng.random(m) < 0.5, -1.0, 1.0),
+            rng.uniform(0.45, 0.95, m),
+            rng.uniform(0.3, 2.8, m),
+            rad + 0.5,
+        )
         ok = (anat.lung_side_at(cand) != 0) & ~occ(cand)
         pts, rad = cand[ok][:n], rad[ok][:n]
     else:
@@ -586,16 +687,27 @@ def _plan_emphysema(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> P
     vals = rng.uniform(-1000.0, -985.0, pts.shape[0])
     prims = sphere_prims(pts, rad, vals, np.arange(pts.shape[0], dtype=np.int64))
     big = int(np.argmax(rad))
-    extra = {"type": kind, "severity": severity, "count": int(pts.shape[0]),
-             "hu_range": (-1000, -985)}
+    extra = {
+        "type": kind,
+        "severity": severity,
+        "count": int(pts.shape[0]),
+        "hu_range": (-1000, -985),
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         res = splat(canvas, prims, mode="min", allowed=LUNG)
         # The core of each lucency: its rim is shared with surrounding lung by partial volume.
         return _mask_of(res, rel=0.8, floor=0.8)
 
-    return Plan(LABELS[7], _side_name(pts[:, 0], anat.xm), _lobe_name(lobes),
-                float(2 * rad.max()), pts[big], extra, draw=draw)
+    return Plan(
+        LABELS[7],
+        _side_name(pts[:, 0], anat.xm),
+        _lobe_name(lobes),
+        float(2 * rad.max()),
+        pts[big],
+        extra,
+        draw=draw,
+    )
 
 
 # --- 8 Atelectasis ---------------------------------------------------------------------------
@@ -604,12 +716,15 @@ def _plan_emphysema(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> P
 def _plan_atelectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
     k = anat.k
     kind = str(rng.choice(["subsegmental", "segmental"], p=[0.6, 0.4]))
-    where = str(rng.choice(["dependent lower lobe", "lingula/middle lobe", "upper lobe"],
-                           p=[0.7, 0.2, 0.1]))
+    where = str(
+        rng.choice(["dependent lower lobe", "lingula/middle lobe", "upper lobe"], p=[0.7, 0.2, 0.1])
+    )
     side = -1 if rng.random() < 0.5 else 1
-    t_r, psi_r = {"dependent lower lobe": ((0.08, 0.4), (0.45, 1.1)),
-                  "lingula/middle lobe": ((0.3, 0.45), (2.2, 2.7)),
-                  "upper lobe": ((0.65, 0.85), (0.8, 2.2))}[where]
+    t_r, psi_r = {
+        "dependent lower lobe": ((0.08, 0.4), (0.45, 1.1)),
+        "lingula/middle lobe": ((0.3, 0.45), (2.2, 2.7)),
+        "upper lobe": ((0.65, 0.85), (0.8, 2.2)),
+    }[where]
     _, _, t, psi = _costal(anat, rng, occ, side, t_r, psi_r, 8.0)
     length = float(rng.uniform(20.0, 45.0) if kind == "subsegmental" else rng.uniform(40, 70))
     spread = float(rng.uniform(12.0, 25.0) if kind == "subsegmental" else rng.uniform(25, 45))
@@ -626,8 +741,14 @@ def _plan_atelectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) ->
     offs = np.linspace(-0.5, 0.5, m) * spread
     a = np.repeat(apex[None, :], m, axis=0)
     b = base[None, :] + offs[:, None] * along[None, :]
-    prims = Prims(a, b, np.full(m, 0.8), np.full(m, thick),
-                  np.full(m, float(rng.uniform(20.0, 45.0))), np.zeros(m, dtype=np.int64))
+    prims = Prims(
+        a,
+        b,
+        np.full(m, 0.8),
+        np.full(m, thick),
+        np.full(m, float(rng.uniform(20.0, 45.0))),
+        np.zeros(m, dtype=np.int64),
+    )
     center_probe = base + dirv * (0.3 * length)
     extra = {"type": kind, "location": where, "length_mm": length, "hu_range": (20, 45)}
     lobe = anat.lobe_of(center_probe[None, :], np.array([side], dtype=np.int64))
@@ -637,8 +758,15 @@ def _plan_atelectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) ->
         res = splat(canvas, prims, mode="max", allowed=frozenset(_LUNG_AND_VESSELS))
         return _mask_of(res)
 
-    return Plan(LABELS[8], "right" if side < 0 else "left", lobe_name, length, center_probe,
-                extra, draw=draw)
+    return Plan(
+        LABELS[8],
+        "right" if side < 0 else "left",
+        lobe_name,
+        length,
+        center_probe,
+        extra,
+        draw=draw,
+    )
 
 
 # --- 9 Lung nodule ----------------------------------------------------------------------------
@@ -674,9 +802,16 @@ def _plan_nodule(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan
                     u = rng.normal(0, 1, 3)
                     u /= np.linalg.norm(u)
                     ln = r * float(rng.uniform(0.5, 1.0))
-                    parts.append(Prims((c + u * 0.8 * r)[None, :], (c + u * (r + ln))[None, :],
-                                       np.array([0.9]), np.array([0.4]), np.array([val]),
-                                       np.array([i], dtype=np.int64)))
+                    parts.append(
+                        Prims(
+                            (c + u * 0.8 * r)[None, :],
+                            (c + u * (r + ln))[None, :],
+                            np.array([0.9]),
+                            np.array([0.4]),
+                            np.array([val]),
+                            np.array([i], dtype=np.int64),
+                        )
+                    )
         elif kind == "calcified":
             parts.append(sphere_prims(c[None, :], r, float(rng.uniform(250.0, 700.0)), i))
         else:
@@ -684,8 +819,14 @@ def _plan_nodule(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan
             parts.append(sphere_prims(c[None, :], 0.45 * r, float(rng.uniform(10.0, 40.0)), i))
         side = int(anat.lung_side_at(c[None, :])[0])
         lobe = int(anat.lobe_of(c[None, :], np.array([side], dtype=np.int64))[0])
-        info.append({"diameter_mm": round(d, 1), "type": kind,
-                     "lobe": LOBE_NAMES.get(lobe), "world_mm": c.tolist()})
+        info.append(
+            {
+                "diameter_mm": round(d, 1),
+                "type": kind,
+                "lobe": LOBE_NAMES.get(lobe),
+                "world_mm": c.tolist(),
+            }
+        )
         centers.append(c)
         diam.append(d)
     prims = concat_prims(parts)
@@ -698,17 +839,27 @@ def _plan_nodule(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan
         res = splat(canvas, prims, mode="max", allowed=frozenset(_LUNG_AND_VESSELS))
         return _mask_of(res)
 
-    return Plan(LABELS[9], _side_name(cs[:, 0], anat.xm),
-                LOBE_NAMES.get(int(anat.lobe_at(cs[big][None, :])[0])), float(max(diam)),
-                cs[big], extra, draw=draw) if lobes_all else Plan(
-        LABELS[9], None, None, float(max(diam)), cs[big], extra, draw=draw)
+    return (
+        Plan(
+            LABELS[9],
+            _side_name(cs[:, 0], anat.xm),
+            LOBE_NAMES.get(int(anat.lobe_at(cs[big][None, :])[0])),
+            float(max(diam)),
+            cs[big],
+            extra,
+            draw=draw,
+        )
+        if lobes_all
+        else Plan(LABELS[9], None, None, float(max(diam)), cs[big], extra, draw=draw)
+    )
 
 
 # --- 10 Lung opacity (ground glass), 15 Consolidation ----------------------------------------
 
 
-def _blob(anat: Anatomy, rng: np.random.Generator, center: F64, size: float, n: int
-          ) -> tuple[F64, F64]:
+def _blob(
+    anat: Anatomy, rng: np.random.Generator, center: F64, size: float, n: int
+) -> tuple[F64, F64]:
     """A cluster of overlapping spheres: an irregular patch about ``size`` mm across."""
     r = rng.uniform(0.3, 0.5, n) * size
     off = rng.normal(0.0, 0.22 * size, (n, 3))
@@ -725,8 +876,12 @@ def _plan_opacity(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Pla
         size = float(rng.uniform(15.0, 70.0))
         side = -1 if rng.random() < 0.5 else 1
         if peripheral:
-            cands = np.array([_costal(anat, rng, occ, side, (0.1, 0.85), (0.4, 2.7),
-                                      0.35 * size)[0] for _ in range(6)])
+            cands = np.array(
+                [
+                    _costal(anat, rng, occ, side, (0.1, 0.85), (0.4, 2.7), 0.35 * size)[0]
+                    for _ in range(6)
+                ]
+            )
         else:
             cands = _lung_points(anat, rng, occ, 6, side=side)
         c = _roomy(anat, rng, occ, cands, 0.4 * size)
@@ -748,8 +903,12 @@ def _plan_opacity(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Pla
     big = int(np.argmax(sizes))
     center = cs[big][0]
     lobes = {int(v) for v in anat.lobe_at(np.array([c[0] for c in cs]))}
-    extra = {"pattern": "ground-glass", "count": n_patch, "peripheral": peripheral,
-             "hu_range": (-620, -420)}
+    extra = {
+        "pattern": "ground-glass",
+        "count": n_patch,
+        "peripheral": peripheral,
+        "hu_range": (-620, -420),
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         # The rims contain the cores, so the rims alone give the mask.
@@ -757,13 +916,24 @@ def _plan_opacity(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Pla
         splat(canvas, core_p, mode="max", allowed=LUNG, collect=False)
         return _mask_of(res)
 
-    return Plan(LABELS[10], _side_name(np.array([c[0][0] for c in cs]), anat.xm),
-                _lobe_name(lobes), float(max(sizes)), center, extra, draw=draw)
+    return Plan(
+        LABELS[10],
+        _side_name(np.array([c[0][0] for c in cs]), anat.xm),
+        _lobe_name(lobes),
+        float(max(sizes)),
+        center,
+        extra,
+        draw=draw,
+    )
 
 
 def _plan_consolidation(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
-    lobe = int(rng.choice([int(Lobe.RLL), int(Lobe.LLL), int(Lobe.RML), int(Lobe.RUL),
-                           int(Lobe.LUL)], p=[0.3, 0.25, 0.15, 0.15, 0.15]))
+    lobe = int(
+        rng.choice(
+            [int(Lobe.RLL), int(Lobe.LLL), int(Lobe.RML), int(Lobe.RUL), int(Lobe.LUL)],
+            p=[0.3, 0.25, 0.15, 0.15, 0.15],
+        )
+    )
     side = -1 if lobe in (Lobe.RUL, Lobe.RML, Lobe.RLL) else 1
     size = float(rng.uniform(25.0, 80.0))
     cands = _lung_points(anat, rng, occ, 8, side=side, lobes={lobe})
@@ -793,9 +963,13 @@ def _plan_consolidation(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
         return out
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
-        res = splat(canvas, prims, mode="max",
-                    allowed=frozenset(_LUNG_AND_VESSELS | {T.AIRWAY_WALL}),
-                    entry_filter=in_lobe)
+        res = splat(
+            canvas,
+            prims,
+            mode="max",
+            allowed=frozenset(_LUNG_AND_VESSELS | {T.AIRWAY_WALL}),
+            entry_filter=in_lobe,
+        )
         # Air bronchograms: the airways keep their air inside the consolidated lung, down to
         # branches that are invisible in aerated lung.
         tr = anat.trees()["bronchi_" + ("right" if side < 0 else "left")]
@@ -806,16 +980,26 @@ def _plan_consolidation(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
                 near |= ((mid - c2[j]) ** 2).sum(axis=1) <= (rr[j] + 10.0) ** 2
             if near.any():
                 geo = bronchus_geometry(tr)
-                lum = Prims(tr.start[near], tr.end[near], geo.lumen[near],
-                            0.9 * geo.lumen[near], np.full(int(near.sum()), -950.0))
-                splat(canvas, lum, mode="min", allowed=frozenset(LUNG | {T.AIRWAY_WALL,
-                                                                        T.AIRWAY}),
-                      entry_filter=in_region)
+                lum = Prims(
+                    tr.start[near],
+                    tr.end[near],
+                    geo.lumen[near],
+                    0.9 * geo.lumen[near],
+                    np.full(int(near.sum()), -950.0),
+                )
+                splat(
+                    canvas,
+                    lum,
+                    mode="min",
+                    allowed=frozenset(LUNG | {T.AIRWAY_WALL, T.AIRWAY}),
+                    entry_filter=in_region,
+                )
         return _mask_of(res)
 
     extra = {"lobe_bounded": True, "air_bronchograms": True, "hu_range": (20, 45)}
-    return Plan(LABELS[15], "right" if side < 0 else "left", LOBE_NAMES[lobe], size, c[0],
-                extra, draw=draw)
+    return Plan(
+        LABELS[15], "right" if side < 0 else "left", LOBE_NAMES[lobe], size, c[0], extra, draw=draw
+    )
 
 
 # --- 11 Pulmonary fibrotic sequela ----------------------------------------------------------
@@ -824,8 +1008,9 @@ def _plan_consolidation(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
 def _plan_fibrosis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
     upper = rng.random() < 0.5
     side = -1 if rng.random() < 0.5 else 1
-    _, _, t0, psi0 = _costal(anat, rng, occ, side, (0.65, 0.9) if upper else (0.1, 0.35),
-                             (0.5, 2.6), 10.0)
+    _, _, t0, psi0 = _costal(
+        anat, rng, occ, side, (0.65, 0.9) if upper else (0.1, 0.35), (0.5, 2.6), 10.0
+    )
     lines: list[Prims] = []
     lengths = []
     n_bands = int(rng.integers(3, 9))
@@ -838,31 +1023,48 @@ def _plan_fibrosis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Pl
         d /= np.linalg.norm(d)
         bend = _perp(d, rng) * ln * float(rng.uniform(0.05, 0.2))
         pts = np.vstack([p0, p0 + d * ln * 0.5 + bend, p0 + d * ln])
-        lines.append(polyline_prims(pts, float(rng.uniform(0.8, 1.6)),
-                                    float(rng.uniform(-20.0, 40.0))))
+        lines.append(
+            polyline_prims(pts, float(rng.uniform(0.8, 1.6)), float(rng.uniform(-20.0, 40.0)))
+        )
         lengths.append(ln)
     # Reticulation: a net of short thin lines near the pleura.
     n_ret = int(rng.integers(15, 40))
-    p0, _ = anat.costal_points(np.full(n_ret, float(side)), t0 + rng.normal(0, 0.05, n_ret),
-                               psi0 + rng.normal(0, 0.3, n_ret), rng.uniform(1.0, 18.0, n_ret))
+    p0, _ = anat.costal_points(
+        np.full(n_ret, float(side)),
+        t0 + rng.normal(0, 0.05, n_ret),
+        psi0 + rng.normal(0, 0.3, n_ret),
+        rng.uniform(1.0, 18.0, n_ret),
+    )
     dirs = rng.normal(0.0, 1.0, (n_ret, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     lens: F64 = rng.uniform(4.0, 10.0, n_ret)
     r_ret = rng.uniform(0.5, 0.8, n_ret)
-    lines.append(Prims(p0, p0 + dirs * lens[:, None], r_ret, r_ret,
-                       rng.uniform(-20.0, 40.0, n_ret)))
+    lines.append(
+        Prims(p0, p0 + dirs * lens[:, None], r_ret, r_ret, rng.uniform(-20.0, 40.0, n_ret))
+    )
     prims = concat_prims(lines)
     center = anat.costal_point(side, t0, psi0, 8.0)[0]
     lobe = int(anat.lobe_of(center[None, :], np.array([side], dtype=np.int64))[0])
-    extra = {"pattern": "parenchymal bands and reticulation", "zone": "upper" if upper else
-             "lower", "bands": n_bands, "extent_mm": float(max(lengths))}
+    extra = {
+        "pattern": "parenchymal bands and reticulation",
+        "zone": "upper" if upper else "lower",
+        "bands": n_bands,
+        "extent_mm": float(max(lengths)),
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         res = splat(canvas, prims, mode="max", allowed=frozenset(_LUNG_AND_VESSELS))
         return _mask_of(res)
 
-    return Plan(LABELS[11], "right" if side < 0 else "left", LOBE_NAMES.get(lobe),
-                float(max(lengths)), center, extra, draw=draw)
+    return Plan(
+        LABELS[11],
+        "right" if side < 0 else "left",
+        LOBE_NAMES.get(lobe),
+        float(max(lengths)),
+        center,
+        extra,
+        draw=draw,
+    )
 
 
 # --- 12 Pleural effusion --------------------------------------------------------------------
@@ -885,10 +1087,12 @@ def _plan_pleural_effusion(anat: Anatomy, rng: np.random.Generator, occ: Occupie
         cyc, ayc, axc = anat.prof("cyc", tk), anat.prof("ayc", tk), anat.prof("axc", tk)
         # Fluid lies along the posterior wall: the cavity minus the cavity moved forward.
         cav = anat.cavity_shape()
-        fwd = Union((
-            zellipse(zk, anat.xm, cyc - prof, axc, ayc, power=2.2),
-            zellipse(zk, anat.xm, cyc + 0.3 * ayc - prof, 0.97 * axc, 0.7 * ayc, power=3.6),
-        ))
+        fwd = Union(
+            (
+                zellipse(zk, anat.xm, cyc - prof, axc, ayc, power=2.2),
+                zellipse(zk, anat.xm, cyc + 0.3 * ayc - prof, 0.97 * axc, 0.7 * ayc, power=3.6),
+            )
+        )
         box = zellipse(zk, anat.xm + s * 0.5 * axc, cyc, 0.55 * axc + 2.0, 1.2 * ayc)
         shape = _and(AndNot(cav, fwd), box)
         code = T.LUNG_RIGHT if s < 0 else T.LUNG_LEFT
@@ -899,11 +1103,24 @@ def _plan_pleural_effusion(anat: Anatomy, rng: np.random.Generator, occ: Occupie
     d0 = max(thick_all)
     center = anat.costal_point(s0, 0.1, 0.5, 0.45 * d0)[0]
     side = "bilateral" if len(sides) == 2 else ("right" if sides[0] < 0 else "left")
-    extra = {"grade": grade, "max_thickness_mm": [round(v, 1) for v in thick_all],
-             "distribution": "dependent (posterior)", "hu_range": (5, 18)}
+    extra = {
+        "grade": grade,
+        "max_thickness_mm": [round(v, 1) for v in thick_all],
+        "distribution": "dependent (posterior)",
+        "hu_range": (5, 18),
+    }
     mask_shape: Shape = shapes[0] if len(shapes) == 1 else Union(tuple(shapes))
-    return Plan(LABELS[12], side, None, float(d0), center, extra, layers=layers,
-                mask_shape=mask_shape, mask_codes=frozenset({T.PLEURAL_FLUID}))
+    return Plan(
+        LABELS[12],
+        side,
+        None,
+        float(d0),
+        center,
+        extra,
+        layers=layers,
+        mask_shape=mask_shape,
+        mask_codes=frozenset({T.PLEURAL_FLUID}),
+    )
 
 
 # --- 13 Mosaic attenuation -------------------------------------------------------------------
@@ -930,24 +1147,35 @@ def _plan_mosaic(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan
     dark_p = sphere_prims(pts[dark], r[dark], v_dark[dark], g[dark])
     light_p = sphere_prims(pts[~dark], r[~dark], v_light[~dark], g[~dark])
     found = {int(v) for v in anat.lobe_at(pts)}
-    extra: dict[str, Any] = {"distribution": pattern, "lobules": int(pts.shape[0]),
-             "low_attenuation_hu": round(float(np.mean(v_dark)), 1),
-             "extent_mm": float(np.ptp(pts, axis=0).max() + 2 * r.max())}
+    extra: dict[str, Any] = {
+        "distribution": pattern,
+        "lobules": int(pts.shape[0]),
+        "low_attenuation_hu": round(float(np.mean(v_dark)), 1),
+        "extent_mm": float(np.ptp(pts, axis=0).max() + 2 * r.max()),
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         a = splat(canvas, dark_p, mode="min", allowed=LUNG)
         b = splat(canvas, light_p, mode="max", allowed=LUNG)
         return np.concatenate([_mask_of(a), _mask_of(b)])
 
-    return Plan(LABELS[13], _side_name(pts[:, 0], anat.xm), _lobe_name(found),
-                float(extra["extent_mm"]), pts[int(np.argmax(r))], extra, draw=draw)
+    return Plan(
+        LABELS[13],
+        _side_name(pts[:, 0], anat.xm),
+        _lobe_name(found),
+        float(extra["extent_mm"]),
+        pts[int(np.argmax(r))],
+        extra,
+        draw=draw,
+    )
 
 
 # --- 14 Peribronchial thickening, 16 Bronchiectasis ------------------------------------------
 
 
-def _pick_bronchi(anat: Anatomy, lobes: set[int], min_gen: int, min_radius: float
-                  ) -> list[tuple[Tree, npt.NDArray[np.bool_]]]:
+def _pick_bronchi(
+    anat: Anatomy, lobes: set[int], min_gen: int, min_radius: float
+) -> list[tuple[Tree, npt.NDArray[np.bool_]]]:
     out = []
     for name in ("right", "left"):
         tr = anat.trees()["bronchi_" + name]
@@ -972,8 +1200,11 @@ def _key_bronchus(mids: F64, walls: Prims, occ: Occupied) -> F64:
 
 def _plan_peribronchial(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
     choice = str(rng.choice(["lower lobes", "diffuse", "single lobe"], p=[0.5, 0.3, 0.2]))
-    lobes = _LOWER if choice == "lower lobes" else (
-        _ALL_LOBES if choice == "diffuse" else {int(rng.choice(sorted(_ALL_LOBES)))})
+    lobes = (
+        _LOWER
+        if choice == "lower lobes"
+        else (_ALL_LOBES if choice == "diffuse" else {int(rng.choice(sorted(_ALL_LOBES)))})
+    )
     factor = float(rng.uniform(2.0, 3.2))
     walls, lumens = [], []
     mids = []
@@ -982,17 +1213,29 @@ def _plan_peribronchial(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
         geo = bronchus_geometry(tr)
         lum = geo.lumen[sel]
         wall = (geo.outer[sel] - lum) * factor + 0.4
-        walls.append(Prims(tr.start[sel], tr.end[sel], lum + wall, 0.92 * (lum + wall),
-                           np.full(int(sel.sum()), anat.hu.values[T.AIRWAY_WALL])))
-        lumens.append(Prims(tr.start[sel], tr.end[sel], lum, 0.92 * lum,
-                            np.full(int(sel.sum()), -1000.0)))
+        walls.append(
+            Prims(
+                tr.start[sel],
+                tr.end[sel],
+                lum + wall,
+                0.92 * (lum + wall),
+                np.full(int(sel.sum()), anat.hu.values[T.AIRWAY_WALL]),
+            )
+        )
+        lumens.append(
+            Prims(tr.start[sel], tr.end[sel], lum, 0.92 * lum, np.full(int(sel.sum()), -1000.0))
+        )
         mids.append((tr.start[sel] + tr.end[sel]) / 2)
         wall_mm = max(wall_mm, float(wall.max()))
     wp, lp = concat_prims(walls), concat_prims(lumens)
     m = np.concatenate(mids) if mids else _lung_points(anat, rng, occ, 1)
     center = _key_bronchus(m, wp, occ)
-    extra = {"distribution": choice, "wall_factor": factor, "bronchi": len(wp),
-             "wall_thickness_mm": wall_mm}
+    extra = {
+        "distribution": choice,
+        "wall_factor": factor,
+        "bronchi": len(wp),
+        "wall_thickness_mm": wall_mm,
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         res = splat(canvas, wp, mode="max", allowed=frozenset(LUNG | {T.AIRWAY_WALL}))
@@ -1000,8 +1243,15 @@ def _plan_peribronchial(anat: Anatomy, rng: np.random.Generator, occ: Occupied) 
         return np.concatenate([_mask_of(res), _mask_of(lum)])
 
     found = {int(v) for v in anat.lobe_at(m)} if len(m) else set()
-    return Plan(LABELS[14], _side_name(m[:, 0], anat.xm), _lobe_name(found or lobes),
-                wall_mm, center, extra, draw=draw)
+    return Plan(
+        LABELS[14],
+        _side_name(m[:, 0], anat.xm),
+        _lobe_name(found or lobes),
+        wall_mm,
+        center,
+        extra,
+        draw=draw,
+    )
 
 
 def _plan_bronchiectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan:
@@ -1023,8 +1273,11 @@ def _plan_bronchiectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied)
         # "signet ring": a small artery beside a large airway).
         shift = (lum + wall - geo.outer[sel])[:, None] * tr.offset[sel]
         a, b = tr.start[sel] - shift, tr.end[sel] - shift
-        walls.append(Prims(a, b, lum + wall, lum + wall,
-                           np.full(int(sel.sum()), anat.hu.values[T.AIRWAY_WALL])))
+        walls.append(
+            Prims(
+                a, b, lum + wall, lum + wall, np.full(int(sel.sum()), anat.hu.values[T.AIRWAY_WALL])
+            )
+        )
         lumens.append(Prims(a, b, lum, lum, np.full(int(sel.sum()), -1000.0)))
         if kind == "cystic":
             leaf = tr.npts[sel] <= 3
@@ -1037,8 +1290,12 @@ def _plan_bronchiectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied)
     wp, lp = concat_prims(walls), concat_prims(lumens)
     m = np.concatenate(mids) if mids else _lung_points(anat, rng, occ, 1)
     center = _key_bronchus(m, wp, occ)
-    extra = {"type": kind, "broncho_arterial_ratio": ratio, "distribution": choice,
-             "bronchi": len(wp)}
+    extra = {
+        "type": kind,
+        "broncho_arterial_ratio": ratio,
+        "distribution": choice,
+        "bronchi": len(wp),
+    }
     allowed = frozenset(LUNG | {T.AIRWAY_WALL, T.AIRWAY})
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
@@ -1047,8 +1304,15 @@ def _plan_bronchiectasis(anat: Anatomy, rng: np.random.Generator, occ: Occupied)
         return np.concatenate([_mask_of(res), _mask_of(lum)])
 
     found = {int(v) for v in anat.lobe_at(m)} if len(m) else set()
-    return Plan(LABELS[16], _side_name(m[:, 0], anat.xm), _lobe_name(found or lobes),
-                lumen_max, center, extra, draw=draw)
+    return Plan(
+        LABELS[16],
+        _side_name(m[:, 0], anat.xm),
+        _lobe_name(found or lobes),
+        lumen_max,
+        center,
+        extra,
+        draw=draw,
+    )
 
 
 # --- 17 Interlobular septal thickening ------------------------------------------------------
@@ -1088,20 +1352,35 @@ def _plan_septal(anat: Anatomy, rng: np.random.Generator, occ: Occupied) -> Plan
     if not keep.any():
         keep[:] = True
     rads_k = rads[keep]
-    disks = Disks(c[keep], ns[keep], rads_k,
-                  np.full(int(keep.sum()), thick / 2.0),
-                  np.full(int(keep.sum()), float(rng.uniform(20.0, 40.0))),
-                  np.arange(int(keep.sum()), dtype=np.int64))
+    disks = Disks(
+        c[keep],
+        ns[keep],
+        rads_k,
+        np.full(int(keep.sum()), thick / 2.0),
+        np.full(int(keep.sum()), float(rng.uniform(20.0, 40.0))),
+        np.arange(int(keep.sum()), dtype=np.int64),
+    )
     lobes = {int(v) for v in anat.lobe_at(c[keep])}
-    extra = {"zone": zone, "septa": int(keep.sum()), "thickness_mm": thick,
-             "extent_mm": float(np.ptp(c[keep], axis=0).max()) if keep.sum() > 1 else 20.0}
+    extra = {
+        "zone": zone,
+        "septa": int(keep.sum()),
+        "thickness_mm": thick,
+        "extent_mm": float(np.ptp(c[keep], axis=0).max()) if keep.sum() > 1 else 20.0,
+    }
 
     def draw(canvas: Canvas, heart: HeartSpec) -> I64:
         res = splat_disks(canvas, disks, mode="max", allowed=LUNG)
         return _mask_of(res)
 
-    return Plan(LABELS[17], "bilateral" if bilateral else ("right" if sides[0] < 0 else "left"),
-                _lobe_name(lobes), thick, c[keep][int(np.argmax(rads_k))], extra, draw=draw)
+    return Plan(
+        LABELS[17],
+        "bilateral" if bilateral else ("right" if sides[0] < 0 else "left"),
+        _lobe_name(lobes),
+        thick,
+        c[keep][int(np.argmax(rads_k))],
+        extra,
+        draw=draw,
+    )
 
 
 _PLANNERS: dict[str, Callable[[Anatomy, np.random.Generator, Occupied], Plan]] = {
@@ -1138,8 +1417,7 @@ def plan_finding(anat: Anatomy, label: str, seed: int, occupied: Occupied | None
     return _PLANNERS[label](anat, rng, occupied if occupied is not None else nothing_occupied)
 
 
-def _lung_points(anat: Anatomy, rng: np.random.Generator, occ: Occupied, n: int,
-                 **kw: Any) -> F64:
+def _lung_points(anat: Anatomy, rng: np.random.Generator, occ: Occupied, n: int, **kw: Any) -> F64:
     """``anat.sample_lung`` avoiding occupied space (falls back to any lung if it must)."""
     got: list[F64] = []
     have = 0
@@ -1158,19 +1436,32 @@ def _lung_points(anat: Anatomy, rng: np.random.Generator, occ: Occupied, n: int,
         # No lung in this field of view (a toy volume): fall back to mid-lung positions, so
         # the finding is planned; it is dropped later if nothing of it can be drawn.
         side = kw.get("side")
-        sides = np.array([side if side is not None else (-1 if i % 2 == 0 else 1)
-                          for i in range(n)], dtype=np.float64)
+        sides = np.array(
+            [side if side is not None else (-1 if i % 2 == 0 else 1) for i in range(n)],
+            dtype=np.float64,
+        )
         t = 0.5
-        mid = np.stack([anat.xm + sides * 0.5 * float(anat.prof("axc", t)),
-                        np.full(n, float(anat.prof("cyc", t))), np.full(n, float(anat.z(t)))],
-                       axis=1)
+        mid = np.stack(
+            [
+                anat.xm + sides * 0.5 * float(anat.prof("axc", t)),
+                np.full(n, float(anat.prof("cyc", t))),
+                np.full(n, float(anat.z(t))),
+            ],
+            axis=1,
+        )
         out = np.concatenate([out, mid])
     return out[:n]
 
 
-def _costal(anat: Anatomy, rng: np.random.Generator, occ: Occupied, side: int,
-            t_range: tuple[float, float], psi_range: tuple[float, float], depth: float
-            ) -> tuple[F64, F64, float, float]:
+def _costal(
+    anat: Anatomy,
+    rng: np.random.Generator,
+    occ: Occupied,
+    side: int,
+    t_range: tuple[float, float],
+    psi_range: tuple[float, float],
+    depth: float,
+) -> tuple[F64, F64, float, float]:
     """A point ``depth`` inside the costal pleura, in lung that is free, with its normal."""
     p = nrm = np.zeros(3)
     t = psi = 0.0

@@ -762,10 +762,24 @@ class _Sentence:
 def _cited_slices(finding: FindingLike, pair: bool, rng: random.Random) -> tuple[int, ...]:
     """z indices a citation points at: the centre, or two ends of a range inside the extent."""
     first, last = int(finding.z_extent[0]), int(finding.z_extent[1])
+    shown = _slices_showing(finding, first, last)
     if pair:
         third = (last - first) // 3
-        return rng.randint(first, first + third), rng.randint(last - third, last)
-    return (min(max(int(finding.center_voxel[0]), first), last),)
+        low = [z for z in shown if z <= first + third] or shown[:1]
+        high = [z for z in shown if z >= last - third] or shown[-1:]
+        return rng.choice(low), rng.choice(high)
+    centre = min(max(int(finding.center_voxel[0]), first), last)
+    return (min(shown, key=lambda z: (abs(z - centre), z)),)
+
+
+def _slices_showing(finding: FindingLike, first: int, last: int) -> list[int]:
+    """Slices that show the finding, when it can say (``mask_z``); else its whole extent.
+
+    Scattered findings (calcified specks, septal lines) leave empty slices inside their extent,
+    and a citation must point at a slice where a reader would see the finding."""
+    mask_z = getattr(finding, "mask_z", None)
+    shown = [z for z in mask_z() if first <= z <= last] if callable(mask_z) else []
+    return shown or list(range(first, last + 1))
 
 
 def _choose_form(finding: FindingLike, rng: random.Random, lang: str) -> _Form:
