@@ -14,7 +14,6 @@ pynetdicom's reactor.
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 import threading
@@ -92,7 +91,3 @@ def claim(path: str | os.PathLike[str]) -> IncomingFile | None:
     """The file object behind a received data set (once; the handler owns it from here)."""
     with _lock:
         return _registry.pop(str(path), None)
-
-
-def is_disk_full(exc: OSError | None) -> bool:
-    return exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT)

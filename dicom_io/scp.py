@@ -179,10 +179,6 @@ class StorageSCP:
                 set().union(*(a.series for a in self._assocs.values())) if self._assocs else set()
             )
 
-    def open_associations(self) -> int:
-        with self._lock:
-            return len(self._assocs)
-
     # -- handlers ---------------------------------------------------------------------------
     def _stats(self, event: evt.Event) -> _AssocStats:
         key = id(event.assoc)

@@ -146,12 +146,6 @@ class Spool:
                 raise InvalidUIDError(f"{name} UID is not a valid DICOM UID: {uid!r}")
         return PurePosixPath(study_uid, series_uid, f"{sop_uid}.dcm")
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        rel = self.relative_path(study_uid, series_uid, sop_uid)
-        path = self.root / rel
-        replaced = atomic_write(path, data, fsync=self.fsync)
-        return StoredFile(path=path, relative=rel, size=len(data), replaced=replaced)
-
     def adopt(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
         """Accept a received file (see :func:`atomic_adopt`) under its UIDs."""
         rel = self.relative_path(study_uid, series_uid, sop_uid)
@@ -159,9 +153,6 @@ class Spool:
         size = src.stat().st_size
         replaced = atomic_adopt(src, path, fsync=self.fsync)
         return StoredFile(path=path, relative=rel, size=size, replaced=replaced)
-
-    def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / self.relative_path(study_uid, series_uid, "1.1").parent
 
     def remove(self, rel: PurePosixPath) -> None:
         (self.root / rel).unlink(missing_ok=True)
@@ -183,14 +174,8 @@ class Quarantine:
         self.fsync = fsync
         root.mkdir(parents=True, exist_ok=True)
 
-    def put(self, data: bytes, reason: str, *, suffix: str = ".dcm", **meta: Any) -> PurePosixPath:
-        """Keep ``data``; returns the path relative to the quarantine root."""
-        rel = self._describe(reason, len(data), suffix, meta)
-        atomic_write(self.root / rel, data, fsync=self.fsync)
-        return rel
-
     def adopt(self, src: Path, reason: str, **meta: Any) -> PurePosixPath:
-        """Like :meth:`put`, for bytes already in a file (moved, not copied)."""
+        """Keep the file ``src`` (moved, not copied); returns its path under the quarantine."""
         rel = self._describe(reason, src.stat().st_size, src.suffix, meta)
         atomic_adopt(src, self.root / rel, fsync=self.fsync)
         return rel

@@ -27,7 +27,6 @@ hernia), so the code is stable and derivable. No SNOMED code is invented.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import shutil
@@ -43,7 +42,7 @@ import tomli_w
 import torch
 
 from engines.data.labels import LABELS
-from engines.datasets import DataSpec, TextEncoder, collate, open_dataset
+from engines.datasets import DataSpec, TextEncoder, collate, open_dataset, sha256_file
 from engines.evaluation.metrics import youden_threshold
 from engines.model.radfinder import PromptEmbeddings, RadFinder, export_vision_onnx
 from engines.model.text import PROMPT_TEMPLATES, TextTower, disease_prompts
@@ -179,14 +178,6 @@ class Bundle:
 
 # ---------------------------------------------------------------------------------------------
 # Export
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _toml_clean(value: Any) -> Any:
@@ -375,7 +366,7 @@ def export_bundle(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "feature_resolution_mm": float(preset.space.depth_token_mm),
         "files": files,
-        "sha256": {k: _sha256(out / v) for k, v in files.items()},
+        "sha256": {k: sha256_file(out / v) for k, v in files.items()},
         "model": {
             "preset": preset.name,
             "embed_dim": int(model_cpu.embed_dim),
@@ -410,7 +401,7 @@ def export_bundle(
             "training_git_commit": train_info.get("git_commit"),
             "export_git_commit": _git_commit(),
             "source_checkpoint": str(ckpt),
-            "source_checkpoint_sha256": _sha256(ckpt),
+            "source_checkpoint_sha256": sha256_file(ckpt),
             "torch": torch.__version__,
         },
         "preset": preset_to_dict(preset),
@@ -473,8 +464,19 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{toml_path}: format is {m.get('format')!r}, not {BUNDLE_FORMAT!r}")
     if m.get("format_version") != BUNDLE_VERSION:
         raise BundleError(f"{toml_path}: format_version {m.get('format_version')} unsupported")
-    for key in ("name", "version", "feature_resolution_mm", "files", "sha256", "onnx",
-                "preprocessing", "thresholds", "labels", "provenance", "preset"):
+    for key in (
+        "name",
+        "version",
+        "feature_resolution_mm",
+        "files",
+        "sha256",
+        "onnx",
+        "preprocessing",
+        "thresholds",
+        "labels",
+        "provenance",
+        "preset",
+    ):
         _need(m, key, "")
     try:
         preset = preset_from_dict(m["preset"])
@@ -494,7 +496,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             raise BundleError(f"{root}: {rel} is missing")
         if verify:
             want = _need(m["sha256"], key, "sha256.")
-            if _sha256(f) != want:
+            if sha256_file(f) != want:
                 raise BundleError(f"{root}: {rel} does not match its SHA-256 in bundle.toml")
 
     rows = m["labels"]

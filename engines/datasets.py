@@ -362,7 +362,7 @@ class ManifestDataset(RadFinderDataset):
         split are kept)."""
         p = Path(path)
         rows = [r for r in read_manifest(p) if split is None or r.split in (None, split)]
-        source = {"kind": "manifest", "path": str(p.resolve()), "sha256": _sha256(p)}
+        source = {"kind": "manifest", "path": str(p.resolve()), "sha256": sha256_file(p)}
         if split is not None:
             source["split"] = split
         return cls(rows, space, base_dir=p.parent, source=source, **kwargs)
@@ -406,6 +406,12 @@ class ManifestDataset(RadFinderDataset):
 
     def provenance(self) -> dict[str, Any]:
         return {**self.source, "n_volumes": len(self.rows), "seed": self.seed}
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash for provenance (manifests, bundle files)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def generator_version() -> str:
@@ -591,14 +597,6 @@ def open_dataset(
             p, space, split=split, augment=augment, max_shift=max_shift, seed=seed
         )
     return ManifestDataset(list(data), space, augment=augment, max_shift=max_shift, seed=seed)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

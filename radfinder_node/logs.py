@@ -58,7 +58,3 @@ def setup_logging(level: str = "INFO", json_lines: bool = True) -> None:
     # pynetdicom logs every PDU at INFO; its own summary is ours.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     _configured = True
-
-
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    logger.log(level, event, extra={"fields": fields})

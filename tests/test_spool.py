@@ -19,6 +19,11 @@ def test_valid_uids(uid: str) -> None:
     assert is_valid_uid(uid)
 
 
+def written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 @pytest.mark.parametrize(
     "uid",
     [
@@ -39,14 +44,14 @@ def test_invalid_uids_never_become_paths(uid: object, tmp_path: Path) -> None:
     assert not is_valid_uid(uid)
     spool = Spool(tmp_path / "spool")
     with pytest.raises(InvalidUIDError):
-        spool.store("1.2.3", "1.2.4", uid, b"data")  # type: ignore[arg-type]
+        spool.adopt(written(tmp_path / "rx.dcm", b"data"), "1.2.3", "1.2.4", uid)  # type: ignore[arg-type]
     assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
 
 
 def test_store_is_atomic_and_keeps_one_copy(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    first = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"one")
-    again = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"two")
+    first = spool.adopt(written(spool.incoming / "a", b"one"), "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    again = spool.adopt(written(spool.incoming / "b", b"two"), "1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert (first.replaced, again.replaced) == (False, True)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files == [tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"]
@@ -55,7 +60,7 @@ def test_store_is_atomic_and_keeps_one_copy(tmp_path: Path) -> None:
 
 def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
     q = Quarantine(tmp_path)
-    rel = q.put(b"\x00garbage", "undecodable", calling_ae="X")
+    rel = q.adopt(written(tmp_path / "rx.dcm", b"\x00garbage"), "undecodable", calling_ae="X")
     assert (tmp_path / rel).read_bytes() == b"\x00garbage"
     side = json.loads((tmp_path / rel).with_suffix(".json").read_text())
     assert side["reason"] == "undecodable" and side["calling_ae"] == "X"
@@ -74,9 +79,11 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_full_disk_leaves_nothing_half_written(tiny_fs: Path) -> None:
+    # the received files live on another filesystem: adopting them copies (EXDEV)
+    src = tiny_fs.parent
     spool = Spool(tiny_fs / "spool")
-    spool.store("1.2.3", "1.2.3.4", "1.2.3.4.1", b"x" * 600_000)
+    spool.adopt(written(src / "x.dcm", b"x" * 600_000), "1.2.3", "1.2.3.4", "1.2.3.4.1")
     with pytest.raises(SpoolFullError):
-        spool.store("1.2.3", "1.2.3.4", "1.2.3.4.2", b"y" * 600_000)
+        spool.adopt(written(src / "y.dcm", b"y" * 600_000), "1.2.3", "1.2.3.4", "1.2.3.4.2")
     names = sorted(p.name for p in tiny_fs.rglob("*") if p.is_file())
     assert names == ["1.2.3.4.1.dcm"]
