@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +96,28 @@ def chest_series(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     hu, spacing = small_phantom()
     return write_ct_series(tmp_path / "series", hu, spacing)
+
+
+def storescu(port: int, path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu sends every file under ``path`` to the node on loopback (Nagle off)."""
+    return subprocess.run(
+        [
+            "storescu",
+            *options,
+            "-aet",
+            "DCMTK",
+            "-aec",
+            "RADFINDER",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:

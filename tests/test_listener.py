@@ -19,7 +19,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from conftest import REAL, wait_for
+from conftest import REAL, storescu, wait_for
 from dicom_io.scp import STATUS_CANNOT_UNDERSTAND, STATUS_MISSING_UIDS, STATUS_OUT_OF_RESOURCES
 from radfinder_node.models import Instance, QuarantinedObject, Series, SeriesState
 from radfinder_node.node import Node
@@ -76,22 +76,7 @@ def test_pynetdicom_store_is_on_disk_and_in_db_and_duplicates_keep_one_copy(
 
 
 def test_storescu_series_completes_and_is_selected(node: Node, chest_series) -> None:  # type: ignore[no-untyped-def]
-    out = subprocess.run(
-        [
-            "storescu",
-            "-aet",
-            "DCMTK",
-            "-aec",
-            "RADFINDER",
-            "+sd",
-            "127.0.0.1",
-            str(node.port),
-            str(chest_series.paths[0].parent),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    out = storescu(node.port, chest_series.paths[0].parent)
     assert out.returncode == 0, out.stderr
 
     def selected() -> bool:
@@ -306,25 +291,7 @@ def test_storescu_every_real_series_then_volume(node: Node, tmp_path: Path) -> N
     for src in sources:
         # -xs proposes JPEG Lossless SV1 too (the Elscint slice is sent as it is)
         syntax = ["-xs"] if "dcm4che" in str(src) else []
-        out = subprocess.run(
-            [
-                "storescu",
-                *syntax,
-                "-aet",
-                "DCMTK",
-                "-aec",
-                "RADFINDER",
-                "+sd",
-                "+r",
-                "-nh",
-                "127.0.0.1",
-                str(node.port),
-                str(src),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
+        out = storescu(node.port, src, *syntax, "-nh")
         assert out.returncode == 0, out.stderr[-2000:]
         assert "Store Failed" not in out.stderr, out.stderr[-2000:]
     assert wait_for(lambda: node_status(node.db)["series"]["receiving"] == 0, timeout=20)
@@ -390,20 +357,7 @@ def test_one_structured_log_line_per_association(
 def test_node_on_postgresql(make_node, pg_url: str, chest_series) -> None:  # type: ignore[no-untyped-def]
     node = make_node(database_url=pg_url)
     assert node.db.engine.dialect.name == "postgresql"
-    out = subprocess.run(
-        [
-            "storescu",
-            "-aec",
-            "RADFINDER",
-            "+sd",
-            "127.0.0.1",
-            str(node.port),
-            str(chest_series.paths[0].parent),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    out = storescu(node.port, chest_series.paths[0].parent)
     assert out.returncode == 0 and "Store Failed" not in out.stderr
     assert wait_for(lambda: node_status(node.db)["series"]["selected"] == 1, timeout=10)
     assert node_status(node.db)["instances"] == 24

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -13,7 +11,7 @@ import pytest
 from hl7apy.parser import parse_message
 from PIL import Image
 
-from conftest import wait_for
+from conftest import storescu, wait_for
 from radfinder_node.cli import main
 from radfinder_node.node import Node
 from radfinder_node.status import node_status
@@ -128,21 +126,7 @@ def test_synthetic_study_through_the_listener(tmp_path: Path, node: Node) -> Non
         )
         == 0
     )
-    sent = subprocess.run(
-        [
-            "storescu",
-            "-aec",
-            "RADFINDER",
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(node.port),
-            str(out / "study_0000" / "dicom"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    sent = storescu(node.port, out / "study_0000" / "dicom")
     assert sent.returncode == 0 and "Store Failed" not in sent.stderr
     assert wait_for(lambda: node_status(node.db)["series"]["ignored"] == 2, timeout=15)
     status = node_status(node.db)
