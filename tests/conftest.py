@@ -127,3 +127,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+@pytest.fixture(scope="session")
+def tower():  # type: ignore[no-untyped-def]
+    """The frozen MiniLM text tower (offline), loaded once for every model test."""
+    import torch
+
+    from engines.model import TextTower
+
+    torch.set_num_threads(2)
+    return TextTower.from_pretrained(None, max_length=64, freeze=True)

@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -22,36 +21,8 @@ from engines.bundle import OWN_SCHEME, BundleError, export_bundle, load_bundle
 from engines.data.labels import LABELS
 from engines.datasets import SyntheticDataset
 from engines.model import TextTower, build_model
-from engines.presets import (
-    TINY,
-    AugmentConfig,
-    CNNBackboneConfig,
-    CombinerConfig,
-    HeadConfig,
-    ModelConfig,
-    ModelSpaceConfig,
-    Preset,
-)
 from engines.training import load_model, save_checkpoint
-
-MICRO: Preset = dataclasses.replace(
-    TINY,
-    name="micro",
-    space=ModelSpaceConfig(spacing_mm=(4.0, 10.0, 10.0), shape=(24, 32, 32)),
-    model=ModelConfig(
-        backbone=CNNBackboneConfig(channels=(8, 16, 32), inplane_grid=(2, 2)),
-        combiner=CombinerConfig(embed_dim=32, depth=1, num_heads=2, layer_scale_init=0.0),
-        head=HeadConfig(hidden_dim=64, bottleneck_dim=32, output_dim=32),
-        text=dataclasses.replace(TINY.model.text, max_length=64),
-    ),
-    augment=AugmentConfig(flip_prob=0.0),
-)
-
-
-@pytest.fixture(scope="module")
-def tower() -> TextTower:
-    torch.set_num_threads(2)
-    return TextTower.from_pretrained(None, max_length=64, freeze=True)
+from model_fixtures import MICRO
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +37,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tower: TextTower) -> Path:
         "data": {"kind": "manifest", "path": "/data/m.jsonl", "sha256": "ab" * 32},
         "git_commit": None,
     }
-    save_checkpoint(run / "checkpoints" / "last.pt", model, MICRO, step=7,
-                    extra={"train": train_info})
+    save_checkpoint(
+        run / "checkpoints" / "last.pt", model, MICRO, step=7, extra={"train": train_info}
+    )
     (run / "depth_prior.json").write_text(json.dumps({"labels": {}, "overall": {"mean": 0.5}}))
     return run
 
@@ -108,8 +80,10 @@ def test_round_trip(bundle_dir: Path, run_dir: Path, tower: TextTower) -> None:
 def test_codes_never_invent_snomed(bundle_dir: Path) -> None:
     b = load_bundle(bundle_dir)
     by = {lb.name: lb for lb in b.labels}
-    assert (by["Hiatal hernia"].code.scheme, by["Hiatal hernia"].code.value) == (OWN_SCHEME,
-                                                                               "RF006")
+    assert (by["Hiatal hernia"].code.scheme, by["Hiatal hernia"].code.value) == (
+        OWN_SCHEME,
+        "RF006",
+    )
     for name in ("Atelectasis", "Peribronchial thickening", "Bronchiectasis"):
         assert by[name].code.scheme == OWN_SCHEME and by[name].code.value.startswith("RF")
     nodule = by["Lung nodule"]
@@ -131,8 +105,9 @@ def test_onnx_graph_is_static_and_self_contained(bundle_dir: Path) -> None:
 
 def test_thresholds_from_validation_data(run_dir: Path, tower: TextTower, tmp_path: Path) -> None:
     val = SyntheticDataset(MICRO.space, 6, seed=21, fresh_each_epoch=False)
-    b = export_bundle(run_dir, tmp_path / "b", validation_data=val, text_tower=tower,
-                      progress=False)
+    b = export_bundle(
+        run_dir, tmp_path / "b", validation_data=val, text_tower=tower, progress=False
+    )
     assert b.threshold_method == "youden"
     methods = {lb.threshold_method for lb in b.labels}
     assert "youden" in methods

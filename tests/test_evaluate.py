@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -33,30 +32,8 @@ from engines.evaluation import (
 from engines.evaluation.metrics import bootstrap_counts, estimate, weighted_auc
 from engines.evaluation.run import patient_key, shuffled_partner
 from engines.model import TextTower, build_model
-from engines.presets import (
-    TINY,
-    AugmentConfig,
-    CNNBackboneConfig,
-    CombinerConfig,
-    HeadConfig,
-    ModelConfig,
-    ModelSpaceConfig,
-    Preset,
-)
 from engines.training import save_checkpoint
-
-MICRO: Preset = dataclasses.replace(
-    TINY,
-    name="micro",
-    space=ModelSpaceConfig(spacing_mm=(4.0, 10.0, 10.0), shape=(24, 32, 32)),
-    model=ModelConfig(
-        backbone=CNNBackboneConfig(channels=(8, 16, 32), inplane_grid=(2, 2)),
-        combiner=CombinerConfig(embed_dim=32, depth=1, num_heads=2, layer_scale_init=0.0),
-        head=HeadConfig(hidden_dim=64, bottleneck_dim=32, output_dim=32),
-        text=dataclasses.replace(TINY.model.text, max_length=64),
-    ),
-    augment=AugmentConfig(flip_prob=0.0),
-)
+from model_fixtures import MICRO
 
 REQUIRED = (
     "auc_macro",
@@ -153,8 +130,9 @@ def test_auc_matches_pairwise_definition_with_ties() -> None:
     s = rng.integers(0, 5, size=50).astype(float)  # many ties
     y = rng.integers(0, 2, size=50)
     pos, neg = s[y == 1], s[y == 0]
-    brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0
-                     for a, b in itertools.product(pos, neg)])
+    brute = np.mean(
+        [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg)]
+    )
     assert roc_auc(s, y) == pytest.approx(brute)
     assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
     assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
@@ -211,7 +189,12 @@ def test_evaluate_a_checkpoint_end_to_end(tmp_path: Path) -> None:
     (run / "depth_prior.json").write_text(json.dumps(prior))
     data = SyntheticDataset(MICRO.space, 5, seed=11, fresh_each_epoch=False)
     result = evaluate(
-        run, data, tmp_path / "eval", bootstrap=30, progress=False, text_tower=tower,
+        run,
+        data,
+        tmp_path / "eval",
+        bootstrap=30,
+        progress=False,
+        text_tower=tower,
         no_localization=run / "checkpoints" / "last.pt",
     )
     m = result.metrics

@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +18,9 @@ from engines.bundle import export_bundle
 from engines.data.phantoms import generate_phantom
 from engines.model import TextTower, build_model
 from engines.preprocess import to_model_space
-from engines.presets import (
-    TINY,
-    AugmentConfig,
-    CNNBackboneConfig,
-    CombinerConfig,
-    HeadConfig,
-    ModelConfig,
-    ModelSpaceConfig,
-    Preset,
-)
 from engines.runtimes import Engine, EngineError, load_engine
 from engines.training import load_model, save_checkpoint
-
-MICRO: Preset = dataclasses.replace(
-    TINY,
-    name="micro",
-    space=ModelSpaceConfig(spacing_mm=(4.0, 10.0, 10.0), shape=(24, 32, 32)),
-    model=ModelConfig(
-        backbone=CNNBackboneConfig(channels=(8, 16, 32), inplane_grid=(2, 2)),
-        combiner=CombinerConfig(embed_dim=32, depth=1, num_heads=2, layer_scale_init=0.0),
-        head=HeadConfig(hidden_dim=64, bottleneck_dim=32, output_dim=32),
-        text=dataclasses.replace(TINY.model.text, max_length=64),
-    ),
-    augment=AugmentConfig(flip_prob=0.0),
-)
+from model_fixtures import MICRO
 
 
 @pytest.fixture(scope="module")

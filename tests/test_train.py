@@ -35,29 +35,15 @@ from engines.model import TextTower, build_model
 from engines.presets import (
     TINY,
     AugmentConfig,
-    CNNBackboneConfig,
-    CombinerConfig,
-    HeadConfig,
-    ModelConfig,
-    ModelSpaceConfig,
     Preset,
 )
 from engines.training import DepthPrior, WarmupCosine, load_checkpoint, step_loss_config, train
 from engines.training.loop import StepContext, train_step
+from model_fixtures import MICRO as SHARED_MICRO
 
 # The tiny preset's design on a toy grid: 8 depth tokens of 12 mm, 32 x 32 pixels of 10 mm.
 MICRO: Preset = dataclasses.replace(
-    TINY,
-    name="micro",
-    space=ModelSpaceConfig(spacing_mm=(4.0, 10.0, 10.0), shape=(24, 32, 32)),
-    model=ModelConfig(
-        backbone=CNNBackboneConfig(channels=(8, 16, 32), inplane_grid=(2, 2)),
-        combiner=CombinerConfig(embed_dim=32, depth=1, num_heads=2, layer_scale_init=0.0),
-        head=HeadConfig(hidden_dim=64, bottleneck_dim=32, output_dim=32),
-        text=dataclasses.replace(TINY.model.text, max_length=64),
-    ),
-    optim=dataclasses.replace(TINY.optim, lr=3e-3, batch_size=8, accum_steps=1),
-    augment=AugmentConfig(flip_prob=0.0),
+    SHARED_MICRO, optim=dataclasses.replace(TINY.optim, lr=3e-3, batch_size=8, accum_steps=1)
 )
 
 
@@ -85,12 +71,6 @@ class FixedSamples(RadFinderDataset):
 
 
 @pytest.fixture(scope="module")
-def tower() -> TextTower:
-    torch.set_num_threads(2)
-    return TextTower.from_pretrained(None, max_length=64, freeze=True)
-
-
-@pytest.fixture(scope="module")
 def samples() -> list[Sample]:
     ds = SyntheticDataset(MICRO.space, 8, seed=1, fresh_each_epoch=False, max_shift=(0, 0, 0))
     out = [ds[i] for i in range(len(ds))]
@@ -102,9 +82,7 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_overfit_lowers_every_loss(
-    tmp_path: Path, tower: TextTower, samples: list[Sample]
-) -> None:
+def test_overfit_lowers_every_loss(tmp_path: Path, tower: TextTower, samples: list[Sample]) -> None:
     result = train(
         MICRO,
         FixedSamples(samples),
