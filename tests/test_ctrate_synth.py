@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from engines.data import phantoms
@@ -35,31 +33,10 @@ from engines.data.ctrate import (
 )
 from engines.data.phantoms import basic_chest_phantom
 from engines.data.reports import REPORT_LABELS, write_report
+from standins import StandInFinding, StandInPhantom
 
 SHAPE = (16, 32, 32)
 SPACING = (6.0, 9.0, 9.0)
-
-
-@dataclass
-class StandInFinding:
-    label: str
-    label_index: int
-    side: str | None
-    lobe: str | None
-    size_mm: float
-    center_voxel: tuple[int, int, int]
-    z_extent: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StandInPhantom:
-    hu: npt.NDArray[np.float32]
-    spacing: tuple[float, float, float]
-    affine: npt.NDArray[np.float64]
-    findings: list[StandInFinding]
-    labels: npt.NDArray[np.int8]
-    patient: dict[str, Any]
 
 
 def stand_in_phantom(

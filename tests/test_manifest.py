@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from engines.data.ctrate import (
@@ -38,6 +37,8 @@ from engines.manifest import (
 )
 from engines.preprocess import to_model_space
 from engines.presets import ModelSpaceConfig
+from standins import StandInFinding as _Finding
+from standins import StandInPhantom as _Phantom
 
 
 def row(**kw: Any) -> ManifestRow:
@@ -148,28 +149,6 @@ def test_npz_volume_with_rescale(tmp_path: Path) -> None:
 
 SHAPE = (12, 24, 24)
 SPACING = (5.0, 12.0, 12.0)
-
-
-@dataclass
-class _Finding:
-    label: str
-    label_index: int
-    side: str | None
-    lobe: str | None
-    size_mm: float
-    center_voxel: tuple[int, int, int]
-    z_extent: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Phantom:
-    hu: npt.NDArray[np.float32]
-    spacing: tuple[float, float, float]
-    affine: npt.NDArray[np.float64]
-    findings: list[_Finding]
-    labels: npt.NDArray[np.int8]
-    patient: dict[str, Any]
 
 
 def _phantom(

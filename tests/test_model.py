@@ -9,9 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dataclasses
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -44,6 +42,7 @@ from engines.presets import (
     Preset,
     ViTBackboneConfig,
 )
+from standins import StandInFinding as _Finding
 
 # The tiny preset's architecture on a smaller grid (8 depth tokens of 12 mm), so tests are fast.
 SMALL = dataclasses.replace(
@@ -372,18 +371,6 @@ def test_disease_prompts() -> None:
 )
 def test_strip_citations_by_hand(text: str, want: str) -> None:
     assert strip_citations(text) == want
-
-
-@dataclass
-class _Finding:
-    label: str
-    label_index: int
-    side: str | None
-    lobe: str | None
-    size_mm: float
-    center_voxel: tuple[int, int, int]
-    z_extent: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @pytest.mark.parametrize("language", ["en", "de"])

@@ -10,7 +10,6 @@ import functools
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,21 +24,10 @@ from engines.data.reports import (
     Report,
     write_report,
 )
+from standins import StandInFinding
 
 REAL_PHANTOM_SEEDS = 8
 LUNG_LOBES = ("RUL", "RML", "RLL", "LUL", "LLL", "upper", "lower", None)
-
-
-@dataclass
-class StandInFinding:
-    label: str
-    label_index: int
-    side: str | None
-    lobe: str | None
-    size_mm: float
-    center_voxel: tuple[int, int, int]
-    z_extent: tuple[int, int]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def stand_in_findings(seed: int, n_slices: int, k: int | None = None) -> list[StandInFinding]:
