@@ -821,6 +821,17 @@ def _select(
     return idx, occ, prim
 
 
+def _box_cost(lo: F64, hi: F64, step: tuple[float, float, float]) -> I64:
+    """Voxels in each primitive's bounding box (x, y, z order): how chunks share the work."""
+    ext = hi - lo
+    cost: I64 = (
+        (np.floor(ext[:, 0] / step[0]) + 1)
+        * (np.floor(ext[:, 1] / step[1]) + 1)
+        * (np.floor(ext[:, 2] / step[2]) + 1)
+    ).astype(np.int64)
+    return cost
+
+
 def splat(
     canvas: Canvas,
     prims: Prims,
@@ -857,11 +868,7 @@ def splat(
     lo = np.minimum(p.a, p.b) - reach[:, None]
     hi = np.maximum(p.a, p.b) + reach[:, None]
     sz, sy, sx = grid.spacing
-    ext = hi - lo
-    cost = (
-        (np.floor(ext[:, 0] / sx) + 1) * (np.floor(ext[:, 1] / sy) + 1)
-        * (np.floor(ext[:, 2] / sz) + 1)
-    ).astype(np.int64)
+    cost = _box_cost(lo, hi, (sx, sy, sz))
     ax, ay, az = _f32(p.a[:, 0]), _f32(p.a[:, 1]), _f32(p.a[:, 2])
     dx, dy, dz = _f32(d[:, 0]), _f32(d[:, 1]), _f32(d[:, 2])
     inv32, ra32, dr32 = _f32(inv), _f32(big_a), _f32(big_b - big_a)
@@ -922,11 +929,7 @@ def splat_disks(
     lo = disks.center - reach[:, None]
     hi = disks.center + reach[:, None]
     sz, sy, sx = grid.spacing
-    ext = hi - lo
-    cost = (
-        (np.floor(ext[:, 0] / sx) + 1) * (np.floor(ext[:, 1] / sy) + 1)
-        * (np.floor(ext[:, 2] / sz) + 1)
-    ).astype(np.int64)
+    cost = _box_cost(lo, hi, (sx, sy, sz))
     cx, cy, cz = (_f32(disks.center[:, k]) for k in range(3))
     nx_, ny_, nz_ = (_f32(disks.normal[:, k]) for k in range(3))
     rad, big32, amp32, val32 = _f32(disks.radius), _f32(big), _f32(amp), _f32(disks.value)
