@@ -22,8 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from engines.data.ctrate import synthesize_ctrate
     from engines.data.phantoms import generate_phantom
-    from radfinder_node.synth import synth_ctrate, synth_dicom
+    from radfinder_node.synth import synth_dicom
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=3)
@@ -50,7 +51,9 @@ def main() -> None:
             f"{statistics.median(study_s):.2f} s (runs {', '.join(f'{s:.2f}' for s in study_s)})"
         )
         t0 = time.perf_counter()
-        synth_ctrate(Path(tmp) / "ct", args.volumes, 7, (64, 128, 128), (3.0, 2.5, 2.5), workers=2)
+        synthesize_ctrate(
+            Path(tmp) / "ct", args.volumes, 7, (64, 128, 128), (3.0, 2.5, 2.5), workers=2
+        )
         seconds = time.perf_counter() - t0
         rate = args.volumes / seconds
         print(

@@ -91,6 +91,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from engines.data.ctrate import synthesize_ctrate
     from radfinder_node import synth
     from radfinder_node.progress import Progress
 
@@ -120,7 +121,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"messages": len(paths), "directory": str(args.out.resolve())}))
     else:
-        synth.synth_ctrate(
+        synthesize_ctrate(
             args.out,
             args.n,
             args.seed,

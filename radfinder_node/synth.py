@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_io.synthetic import make_uid
 from dicom_io.synthetic_study import write_study
-from engines.data.ctrate import synthesize_ctrate, volume_seed
+from engines.data.ctrate import volume_seed
 from engines.data.phantoms import Phantom, generate_phantom
 from engines.data.reports import Report, write_report
 from reports.hl7_writer import oru_r01
@@ -193,22 +193,6 @@ def synth_hl7(
         if progress is not None:
             progress(i + 1, n)
     return paths
-
-
-def synth_ctrate(
-    out: Path,
-    n: int,
-    seed: int,
-    shape: tuple[int, int, int],
-    spacing: tuple[float, float, float],
-    *,
-    split: str = "train",
-    workers: int = 2,
-    progress: ProgressFn | None = None,
-) -> Any:
-    return synthesize_ctrate(
-        out, n, seed, shape, spacing, split=split, workers=workers, progress=progress
-    )
 
 
 def synth_preview(
