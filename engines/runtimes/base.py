@@ -1,6 +1,6 @@
 """The one serving interface: ``Engine.predict(model_input) -> Prediction``.
 
-Every runtime (ONNX Runtime now, PyTorch as the reference, TensorRT later) is constructed once
+Every runtime (ONNX Runtime, PyTorch as the reference, TensorRT) is constructed once
 from a bundle and then answers many volumes; none of them preprocesses on its own:
 ``Engine.prepare`` is ``engines.preprocess.to_model_space`` with the bundle's model space, the
 same function training used, so a runtime cannot drift from the trained geometry. Inputs whose
@@ -21,11 +21,16 @@ from engines.bundle import Bundle, load_bundle
 from engines.model.radfinder import Prediction
 from engines.preprocess import ModelInput, to_model_space
 
-__all__ = ["Engine", "EngineError"]
+__all__ = ["Engine", "EngineError", "EngineUnavailable"]
 
 
 class EngineError(ValueError):
     """An input the engine cannot serve (wrong model space) or a runtime it cannot start."""
+
+
+class EngineUnavailable(EngineError):
+    """The runtime or device is not there on this host (not installed, no GPU): ``auto``
+    selection moves on to the next runtime instead of failing."""
 
 
 class Engine(ABC):
@@ -36,10 +41,31 @@ class Engine(ABC):
     def __init__(self, bundle: Bundle | str | Path) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.space = self.bundle.preset.space
+        #: Where it runs, as metrics and logs name it: "cpu" or "cuda:N".
+        self.device: str = "cpu"
+        #: Why ``load_engine`` chose this runtime (empty when it was asked for by name).
+        self.selected_because: str = ""
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.bundle.label_names
+
+    @property
+    def name(self) -> str:
+        return self.runtime
+
+    @property
+    def bundle_version(self) -> str:
+        return self.bundle.version
+
+    def describe(self) -> dict[str, str]:
+        """Low-cardinality labels for metrics and job records: engine, device, bundle."""
+        return {
+            "engine": self.runtime,
+            "device": self.device,
+            "bundle": self.bundle.name,
+            "bundle_version": self.bundle.version,
+        }
 
     def prepare(
         self,
