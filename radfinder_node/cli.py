@@ -17,12 +17,34 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, port=args.port, ae_title=args.ae_title, host=args.host)
+    settings = _settings(
+        args,
+        port=args.port,
+        ae_title=args.ae_title,
+        host=args.host,
+        destinations=args.destination,
+        broker_url=args.broker,
+        hl7_port=args.hl7_port,
+    )
     setup_logging(settings.log_level, settings.log_json)
     from radfinder_node.node import Node
 
     Node(settings).serve_forever()
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        broker_url=args.broker,
+        queue=args.queue,
+        engine_runtime=args.runtime,
+        engine_device=args.device,
+    )
+    setup_logging(settings.log_level, settings.log_json)
+    from radfinder_node.celery_app import run_worker
+
+    return run_worker(settings, hostname=args.hostname, loglevel=settings.log_level)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -56,6 +78,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"series {state:<10} {n}")
         print(f"instances    {status['instances']}")
         print(f"quarantined  {status['quarantined']}")
+        for state, n in status["reports"].items():
+            print(f"reports {state:<16} {n}")
+        for state, n in status["snippet_pairs"].items():
+            print(f"snippet pairs {state:<10} {n}")
+        for state, n in status["jobs"].items():
+            print(f"jobs {state:<12} {n}")
+        for state, n in status["outbox"].items():
+            print(f"outbox {state:<10} {n}")
+        for err in status["last_errors"]["jobs"]:
+            print(f"job {err['job_id']} {err['state']} ({err['attempts']} tries): {err['error']}")
+        for err in status["last_errors"]["outbox"]:
+            print(
+                f"send {err['sop_uid']} -> {err['destination']} {err['state']} "
+                f"({err['attempts']} tries, {err['status']}): {err['error']}"
+            )
     return 0
 
 
@@ -150,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         localization=not args.no_localization,
+        ablation=args.ablation,
     )
     print(
         json.dumps(
@@ -190,6 +228,13 @@ def cmd_bundle_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    setup_logging("INFO", json_lines=False)
+    from radfinder_node.mine_cli import run
+
+    return run(sys.stdin.buffer, sys.stdout, jsonl=args.jsonl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfinder-node", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML file (default ./radfinder.toml)")
@@ -200,7 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--ae-title")
     serve.add_argument("--host")
+    serve.add_argument("--hl7-port", type=int, help="HL7 MLLP port (default 2575; 0 = any)")
+    serve.add_argument(
+        "--destination",
+        action="append",
+        metavar="AE@HOST:PORT",
+        help="send results here (repeatable; replaces the configured destinations)",
+    )
+    serve.add_argument("--broker", help="Celery broker URL (default: embedded SQLite)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="an inference worker: solo pool, prefetch 1, late acks (one per GPU)"
+    )
+    worker.add_argument("--data-dir", type=Path)
+    worker.add_argument(
+        "-n", "--hostname", default="radfinder@%h", help="worker name, e.g. gpu0@%%h"
+    )
+    worker.add_argument("--broker", help="Celery broker URL")
+    worker.add_argument("--queue", help="queue to consume (default: inference)")
+    worker.add_argument("--runtime", help="engine runtime: auto, onnx, torch, tensorrt")
+    worker.add_argument("--device", help="engine device: auto, cpu, cuda, cuda:N")
+    worker.set_defaults(func=cmd_worker)
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -267,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0)
     train.add_argument("--no-localization", action="store_true", help="ablation")
+    train.add_argument(
+        "--ablation",
+        choices=["no-localization", "no-prompts", "clip"],
+        help="train an ablation of the paper's objectives",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="CT-RATE protocol: retrieval, AUC, localization")
@@ -288,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--validation-data", help="data to choose thresholds on (Youden J)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_bundle_export)
+
+    mine = sub.add_parser("mine", help="image references in report text (stdin) as JSON")
+    mine.add_argument(
+        "--jsonl", action="store_true", help='one {"id", "text"} per line in, one line out each'
+    )
+    mine.set_defaults(func=cmd_mine)
     return parser
 
 

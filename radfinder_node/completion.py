@@ -36,6 +36,7 @@ class CompletionMonitor:
         selection: Mapping[str, Any],
         in_flight: Callable[[], set[str]] = set,
         on_selected: SeriesCallback | None = None,
+        on_study_decided: Callable[[int], None] | None = None,
     ) -> None:
         self.db = db
         self.quiet = timedelta(seconds=quiet_period_s)
@@ -43,6 +44,8 @@ class CompletionMonitor:
         self.one_per_study = bool(selection.get("one_per_study", True))
         self.in_flight = in_flight
         self.on_selected = on_selected
+        # Called with the study id after its series were decided (reports wait for this).
+        self.on_study_decided = on_study_decided
 
     def tick(self, now: datetime | None = None) -> list[str]:
         """One pass: complete quiet series, then decide studies; returns newly selected UIDs."""
@@ -97,6 +100,8 @@ class CompletionMonitor:
         selected: list[str] = []
         for study_id in study_ids:
             selected += self._decide_study(study_id)
+            if self.on_study_decided is not None:
+                self.on_study_decided(study_id)
         for series_uid in selected:
             if self.on_selected is not None:
                 self.on_selected(series_uid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -27,6 +27,16 @@ def _default_selection() -> dict[str, Any]:
     from dicom_io.selection import DEFAULT_SELECTION
 
     return dict(DEFAULT_SELECTION)
+
+
+def _default_bundle() -> Path:
+    """The demo bundle shipped inside the ``engines`` package (found without importing torch)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("engines")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    base = Path(roots[0]) if roots else Path("engines")
+    return base / "bundles" / "demo-tiny"
 
 
 class Settings(BaseSettings):
@@ -63,6 +73,56 @@ class Settings(BaseSettings):
         default_factory=_default_selection, description="series selection rules (TOML shape)"
     )
 
+    # --- inference: queue, jobs, engine (issue 5) ----------------------------------------------
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker (redis://, amqp://, sqla+<SQLAlchemy URL>); "
+        "default sqla+sqlite:///<data_dir>/broker.sqlite, durable and embedded",
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; none: job results live in the jobs table"
+    )
+    queue: str = Field("inference", min_length=1, description="Celery queue of inference jobs")
+    broker_poll_s: float = Field(
+        0.25, gt=0, description="poll interval of the embedded (SQLite) broker"
+    )
+    embedded_worker: bool = Field(True, description="run an inference worker inside serve")
+    bundle_path: Path = Field(default_factory=_default_bundle, description="model bundle")
+    engine_runtime: str = Field(
+        "auto", description="auto (TensorRT > ONNX Runtime > torch by availability), onnx, ..."
+    )
+    engine_device: str = Field("auto", description="auto (a GPU if any), cpu, cuda or cuda:N")
+    job_timeout_s: float = Field(
+        1800.0, gt=0, description="longest a job may run; a running job older is stale"
+    )
+    job_queued_stale_s: float = Field(
+        900.0, gt=0, description="a job queued this long without a worker starting it is re-sent"
+    )
+    job_max_attempts: int = Field(3, ge=1, description="attempts before a job is failed")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="reconciler period")
+    # --- outbox ---------------------------------------------------------------------------
+    destinations: list[str] = Field(
+        default_factory=list, description="where results are sent, each AE@HOST:PORT"
+    )
+    send_timeout_s: float = Field(30.0, gt=0, description="C-STORE association/DIMSE timeout")
+    send_max_attempts: int = Field(8, ge=1, description="sends tried before an object fails")
+    send_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
+    send_backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")
+    outbox_poll_s: float = Field(0.5, gt=0, description="how often the outbox is checked")
+    # --- HL7 reports (issue 6) ------------------------------------------------------------
+    hl7_enabled: bool = Field(True, description="open the HL7 (MLLP) listener in serve")
+    hl7_host: str | None = Field(None, description="address the HL7 listener binds; default host")
+    hl7_port: int = Field(2575, ge=0, le=65535, description="HL7 MLLP port; 0 = any free port")
+    hl7_accession_field: Literal["OBR-18", "OBR-3"] = Field(
+        "OBR-18", description="where reports carry the accession number linked to studies"
+    )
+    hl7_max_message_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="largest HL7 message accepted (PDF reports inside)"
+    )
+    hl7_idle_timeout_s: float = Field(
+        0, ge=0, description="close an HL7 connection silent this long; 0 = keep it open"
+    )
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title_valid(cls, v: str) -> str:
@@ -79,6 +139,32 @@ class Settings(BaseSettings):
         rules_from_config(v)  # raises ValueError with the reason
         return v
 
+    @field_validator("destinations")
+    @classmethod
+    def _destinations_valid(cls, v: list[str]) -> list[str]:
+        if not v:
+            return v
+        from dicom_io.scu import Destination
+
+        for text in v:
+            Destination.parse(text)  # raises ValueError with the reason
+        return v
+
+    @property
+    def effective_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        """Redis/SQS redeliver an unacked message after this; it must outlast the longest job."""
+        return 2 * self.job_timeout_s
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -92,6 +178,10 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.data_dir / "quarantine"
+
+    @property
+    def effective_hl7_host(self) -> str:
+        return self.hl7_host if self.hl7_host is not None else self.host
 
     @classmethod
     def settings_customise_sources(

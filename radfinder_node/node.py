@@ -5,17 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import FrameType
 
 from dicom_io.scp import StorageSCP
 from dicom_io.spool import Quarantine, Spool
+from radfinder_node.celery_app import EmbeddedWorker, create_app
 from radfinder_node.completion import CompletionMonitor
 from radfinder_node.config import Settings
 from radfinder_node.database import Database
+from radfinder_node.hl7_listener import HL7Listener, ReportReceiver
 from radfinder_node.ingest import IngestRecorder
+from radfinder_node.jobs import BundleMissingError, BundleRef, JobSubmitter, read_bundle_ref
+from radfinder_node.linking import ReportLinker
+from radfinder_node.outbox import OutboxSender, RetryPolicy
+from radfinder_node.reconciler import Reconciler
 from radfinder_node.recovery import reindex_spool
+from radfinder_node.tasks import context_of
 
 log = logging.getLogger("radfinder_node.node")
 
@@ -36,15 +44,90 @@ class Node:
             allowed_calling_aes=settings.allowed_calling_aes,
             maximum_pdu_size=settings.max_pdu,
         )
+        self.linker = ReportLinker(self.db, settings.spool_dir)
+        # Inference: jobs need the bundle's name and version; without a bundle the node still
+        # receives and selects, and the reconciler creates the jobs once one is installed.
+        self.bundle_ref: BundleRef | None = None
+        try:
+            self.bundle_ref = read_bundle_ref(settings.bundle_path)
+        except BundleMissingError as exc:
+            log.error("inference disabled", extra={"fields": {"reason": str(exc)}})
+        self.celery = create_app(settings, self.db)
+        self.submitter = (
+            JobSubmitter(self.db, self.celery, self.bundle_ref, settings.destinations)
+            if self.bundle_ref is not None
+            else None
+        )
+        self.reconciler = Reconciler(
+            self.db,
+            self.celery,
+            job_timeout_s=settings.job_timeout_s,
+            queued_stale_s=settings.job_queued_stale_s,
+            max_attempts=settings.job_max_attempts,
+            submitter=self.submitter,
+        )
+        self.outbox = OutboxSender(
+            self.db,
+            settings.results_dir,
+            calling_ae=settings.ae_title,
+            timeout_s=settings.send_timeout_s,
+            policy=RetryPolicy(
+                settings.send_max_attempts, settings.send_backoff_s, settings.send_backoff_max_s
+            ),
+        )
+        context_of(self.celery).on_done = self.outbox.wake  # results go out at once
+        self.worker: EmbeddedWorker | None = None
         self.completion = CompletionMonitor(
             self.db,
             quiet_period_s=settings.quiet_period_s,
             selection=settings.selection,
             in_flight=self.scp.series_in_flight,
+            on_selected=self._on_selected,
+            on_study_decided=self.linker.wake,
         )
+        self.hl7 = HL7Listener(
+            ReportReceiver(
+                self.db,
+                self.quarantine,
+                accession_field=settings.hl7_accession_field,
+                on_stored=self.linker.wake,
+                application=settings.ae_title,
+                durable=settings.fsync,
+            ),
+            max_message_bytes=settings.hl7_max_message_bytes,
+            idle_timeout_s=settings.hl7_idle_timeout_s,
+        )
+        self.hl7_port: int | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.port: int | None = None
+
+    def _on_selected(self, series_uid: str) -> None:
+        if self.submitter is None:
+            return
+        try:
+            self.submitter(series_uid)
+        except Exception:  # the reconciler creates it later; the next series must not wait
+            log.exception("cannot create job", extra={"fields": {"series_uid": series_uid}})
+
+    def _start_inference(self) -> None:
+        """Embedded worker (when configured), reconciler and outbox sender."""
+        if self.settings.embedded_worker and self.bundle_ref is not None:
+            host = socket.gethostname()
+            name = f"embedded-{os.getpid()}@{host}"
+            self.reconciler.recover_dead_workers(host, alive=name)
+            self.worker = EmbeddedWorker(self.celery, queue=self.settings.queue, hostname=name)
+            if not self.worker.start():
+                log.error("embedded worker did not start", extra={"fields": {"worker": name}})
+        for name, target, period in (
+            ("reconciler", self.reconciler.run, self.settings.reconcile_interval_s),
+            ("outbox", self.outbox.run, self.settings.outbox_poll_s),
+        ):
+            thread = threading.Thread(
+                target=target, args=(self._stop, period), name=name, daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
 
     @property
     def _running_marker(self) -> Path:
@@ -67,6 +150,17 @@ class Node:
         )
         loop.start()
         self._threads.append(loop)
+        self._start_inference()
+        reports = threading.Thread(
+            target=self.linker.run,
+            args=(self._stop, self.settings.completion_poll_s),
+            name="reports",
+            daemon=True,
+        )
+        reports.start()
+        self._threads.append(reports)
+        if self.settings.hl7_enabled:
+            self.hl7_port = self.hl7.start(self.settings.effective_hl7_host, self.settings.hl7_port)
         log.info(
             "node started",
             extra={
@@ -74,16 +168,25 @@ class Node:
                     "ae_title": self.settings.ae_title,
                     "host": self.settings.host,
                     "port": self.port,
+                    "hl7_port": self.hl7_port,
                     "data_dir": str(self.settings.data_dir.resolve()),
                     "database": self.db.engine.url.render_as_string(hide_password=True),
                     "fsync": self.settings.fsync,
+                    "bundle": None if self.bundle_ref is None else vars(self.bundle_ref),
+                    "worker": None if self.worker is None else self.worker.hostname,
+                    "destinations": self.settings.destinations,
                 }
             },
         )
 
     def stop(self) -> None:
         self._stop.set()
+        self.hl7.stop()
+        self.linker.wake()
         self.scp.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        self.celery.close()
         for thread in self._threads:
             thread.join(timeout=10)
         self.db.dispose()

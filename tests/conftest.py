@@ -53,6 +53,7 @@ def node_settings(**overrides: object) -> Settings:
         "port": 0,
         "quiet_period_s": 0.5,
         "completion_poll_s": 0.1,
+        "hl7_port": 0,  # any free port: tests never collide on 2575
         "log_json": False,
     }
     values.update(overrides)

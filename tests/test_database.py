@@ -81,7 +81,8 @@ def test_parallel_associations_record_one_study_one_series(db_url: str) -> None:
     recorder.instance_rejected(
         Rejected("undecodable", 0xC210, PurePosixPath("x.dcm"), 10, None, "PACS", "p")
     )
-    assert node_status(db) == {
+    status = node_status(db)
+    assert {k: status[k] for k in ("studies", "series", "instances", "quarantined")} == {
         "studies": 1,
         "series": {"receiving": 1, "complete": 0, "selected": 0, "ignored": 0},
         "instances": 40,
