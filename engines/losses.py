@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RadFinderLoss",
+    "clip_loss",
     "gather_negatives",
     "gaussian_depth_target",
     "localization_error_mm",
@@ -79,6 +80,30 @@ def siglip_loss(
     z = -torch.ones_like(logits)
     z[:, :b] += 2 * torch.eye(b, dtype=logits.dtype, device=logits.device)
     return -F.logsigmoid(z * logits).sum() / b
+
+
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax (InfoNCE) image-text loss, CLIP's symmetric form, for the SigLIP ablation:
+    ``(CE(image -> texts) + CE(text -> images)) / 2`` with logits ``e^t' x̂ᵢ·ŷⱼ``. Extra text
+    ``negatives`` widen only the image -> text direction (they have no image of their own)."""
+    if image.shape != text.shape:
+        raise ValueError(f"image and text must be paired [B, P], got {image.shape}, {text.shape}")
+    b = image.shape[0]
+    x = F.normalize(image, dim=-1)
+    y = F.normalize(text, dim=-1)
+    scale = logit_scale.exp()
+    targets = torch.arange(b, device=image.device)
+    texts = y
+    if negatives is not None and negatives.shape[0] > 0:
+        texts = torch.cat([y, F.normalize(negatives.to(y.dtype), dim=-1)], dim=0)
+    i2t = F.cross_entropy(x @ texts.T * scale, targets)
+    t2i = F.cross_entropy(y @ x.T * scale, targets)
+    return (i2t + t2i) / 2
 
 
 def gather_negatives(text: torch.Tensor) -> torch.Tensor:
@@ -249,7 +274,12 @@ class RadFinderLoss(nn.Module):
         cfg = self.config
         zero = out.image_embedding.sum() * 0.0
         parts: dict[str, torch.Tensor] = {}
-        if out.report_embedding is not None:
+        if out.report_embedding is not None and cfg.contrastive == "clip":
+            # Logged under "siglip" too: it is the contrastive term whichever form it takes.
+            parts["siglip"] = clip_loss(
+                out.image_embedding, out.report_embedding, out.logit_scale, negatives
+            )
+        elif out.report_embedding is not None:
             parts["siglip"] = siglip_loss(
                 out.image_embedding,
                 out.report_embedding,
@@ -257,7 +287,7 @@ class RadFinderLoss(nn.Module):
                 out.logit_bias,
                 negatives,
             )
-        if out.prompts is not None and labels is not None:
+        if out.prompts is not None and labels is not None and cfg.prompt_weight > 0:
             parts["prompt"] = self._prompt(out, out.prompts, labels, generator)
         if out.snippet_embedding is not None:
             if snippet_batch_index is None or snippet_target is None:

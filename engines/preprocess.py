@@ -286,6 +286,15 @@ def _interp_axis(
     Edges replicate the outermost voxel.
     """
     n = vol.shape[axis]
+    nearest = positions.round()
+    if (
+        abs(float(scale) - 1.0) < 1e-9
+        and positions.numel() > 0
+        and bool((positions - nearest).abs().max() < 1e-6)
+    ):
+        # Same spacing on the voxel grid (data rendered in model space, integer shifts): every
+        # weight is 1 or 0, so the interpolation is a gather; 3x less work on the hot path.
+        return torch.index_select(vol, axis, nearest.to(torch.int64).clamp(0, n - 1))
     width = max(float(scale) - 1.0, 0.0)
     lo = positions - width / 2 - 1.0  # first and last source index the kernel touches
     taps = math.ceil(width) + 3

@@ -10,6 +10,7 @@ import torch
 
 from engines.losses import (
     RadFinderLoss,
+    clip_loss,
     gather_negatives,
     gaussian_depth_target,
     localization_error_mm,
@@ -51,6 +52,30 @@ def test_siglip_paper_init_and_normalisation() -> None:
     want = -(logsig(0.0) + logsig(4.0) + logsig(10.0) + logsig(-2.0)) / 2
     got = siglip_loss(3.0 * X, 0.5 * Y, t(math.log(10.0)), t(-10.0))  # scale must not matter
     assert got.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_clip_loss_hand_values() -> None:
+    # logits = 10 cos = [[10, 6], [0, 8]]; image->text rows, text->image columns.
+    def ce(row: list[float], k: int) -> float:
+        return -(row[k] - math.log(sum(math.exp(v) for v in row)))
+
+    i2t = (ce([10.0, 6.0], 0) + ce([0.0, 8.0], 1)) / 2
+    t2i = (ce([10.0, 0.0], 0) + ce([6.0, 8.0], 1)) / 2
+    got = clip_loss(2.0 * X, Y, t(math.log(10.0)))
+    assert got.item() == pytest.approx((i2t + t2i) / 2, abs=1e-12)
+
+
+def test_ablation_loss_configs() -> None:
+    from engines.presets import TINY
+    from engines.training.loop import step_loss_config
+
+    full = step_loss_config(TINY)
+    assert full.contrastive == "siglip" and full.prompt_weight > 0 and full.localization_weight > 0
+    assert step_loss_config(TINY, ablation="no-localization").localization_weight == 0
+    assert step_loss_config(TINY, ablation="no-prompts").prompt_weight == 0
+    assert step_loss_config(TINY, ablation="clip").contrastive == "clip"
+    with pytest.raises(ValueError):
+        step_loss_config(TINY, ablation="no-siglip")
 
 
 def test_siglip_extra_negatives() -> None:

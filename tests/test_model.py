@@ -126,6 +126,26 @@ def test_forward_shapes_and_initial_scale() -> None:
         model(torch.zeros(1, 1, 8, 8, 8))
 
 
+def test_text_standardisation_is_fixed_from_the_corpus_and_used_for_every_text() -> None:
+    model = small_model()
+    h = model.text_dim
+    feats = torch.randn(50, h) * 3 + 5
+    raw = model.encode_reports(feats[:4]).detach()
+    model.set_text_normalization(feats)
+    assert torch.allclose(model.get_buffer("text_mean"), feats.mean(0))
+    z = model.normalize_text(feats)
+    assert torch.allclose(z.mean(0), torch.zeros(h), atol=1e-5)
+    assert torch.allclose(z.std(0), torch.ones(h), atol=1e-4)
+    assert not torch.allclose(model.encode_reports(feats[:4]), raw)
+    # prompts go through the same standardisation as reports
+    pos, neg = feats[:6].reshape(3, 2, h), feats[6:12].reshape(3, 2, h)
+    pe = model.encode_prompts(pos, neg)
+    want = F.normalize(model.text_head(model.normalize_text(pos)), dim=-1)
+    assert torch.allclose(pe.classify[:, :, 0], want, atol=1e-6)
+    # the statistics are saved with the weights
+    assert "text_mean" in model.state_dict() and "text_std" in model.state_dict()
+
+
 def test_gradient_reaches_every_parameter_of_the_tiny_model() -> None:
     model = small_model()
     g = torch.Generator().manual_seed(1)

@@ -300,3 +300,17 @@ def test_model_space_dict_round_trip_and_affine() -> None:
     src = space.model_to_source @ k
     np.testing.assert_allclose(space.affine @ k, aff @ src)
     assert space.affine[2, 0] == pytest.approx(3.0)  # model z: +3 mm superior per slice
+
+
+def test_same_spacing_gather_path_equals_interpolation() -> None:
+    """Data on the model grid with an integer shift take the gather path; it must give what
+    linear interpolation gives (weights 1 and 0), edges replicated."""
+    from engines.preprocess import _interp_axis
+
+    vol = torch.rand(7, 5, 4)
+    pos = torch.arange(-2, 9, dtype=torch.float64)
+    fast = _interp_axis(vol, 0, pos, 1.0)
+    slow = _interp_axis(vol, 0, pos + 1e-3, 1.0 + 1e-6)  # off-grid: the general path
+    assert fast.shape == (11, 5, 4)
+    assert torch.allclose(fast, slow, atol=2e-3)
+    assert torch.equal(fast[0], vol[0]) and torch.equal(fast[-1], vol[-1])

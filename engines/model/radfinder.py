@@ -198,6 +198,13 @@ class RadFinder(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # b
         self.localization_tau = float(localization_tau)
         self.text_dim = text_dim
+        # Standardisation of pooled text features (identity until ``set_text_normalization``).
+        # A frozen MiniLM puts every synthetic report at cosine ~0.84 to every other; the heads
+        # start from that shared direction and SigLIP settles in the constant solution (all
+        # pairs equally similar, loss B·softplus… = 3.74 at B=16, seen in a 600-step run).
+        # Centring and scaling by the training corpus' statistics removes the shared part.
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_std", torch.ones(text_dim))
 
     @property
     def embed_dim(self) -> int:
@@ -236,12 +243,26 @@ class RadFinder(nn.Module):
             raise RuntimeError("this model has no text tower; pass pooled features instead")
         return self.text.embed(texts)
 
+    @torch.no_grad()
+    def set_text_normalization(self, features: torch.Tensor) -> None:
+        """Fix the text standardisation from pooled features ``[N, H]`` of the training texts.
+        Only for a frozen tower: a trainable one would move away from the statistics."""
+        if features.ndim != 2 or features.shape[1] != self.text_dim or features.shape[0] < 2:
+            raise ValueError(f"need [N >= 2, {self.text_dim}] features, got {features.shape}")
+        f = features.float()
+        self.get_buffer("text_mean").copy_(f.mean(0))
+        self.get_buffer("text_std").copy_(f.std(0).clamp(min=1e-4))
+
+    def normalize_text(self, features: torch.Tensor) -> torch.Tensor:
+        mean, std = self.get_buffer("text_mean"), self.get_buffer("text_std")
+        return (features - mean.to(features.dtype)) / std.to(features.dtype)
+
     def encode_reports(self, features: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.text_head(features)
+        out: torch.Tensor = self.text_head(self.normalize_text(features))
         return out
 
     def encode_snippets(self, features: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.text_head_local(features)
+        out: torch.Tensor = self.text_head_local(self.normalize_text(features))
         return out
 
     def encode_prompts(self, positive: torch.Tensor, negative: torch.Tensor) -> PromptEmbeddings:
@@ -251,9 +272,9 @@ class RadFinder(nn.Module):
                 f"prompt features must both be [L, V, H], got "
                 f"{tuple(positive.shape)} and {tuple(negative.shape)}"
             )
-        both = torch.stack([positive, negative], dim=2)  # [L, V, 2, H]
+        both = self.normalize_text(torch.stack([positive, negative], dim=2))  # [L, V, 2, H]
         classify = F.normalize(self.text_head(both), dim=-1)
-        locate = F.normalize(self.text_head_local(positive), dim=-1)
+        locate = F.normalize(self.text_head_local(self.normalize_text(positive)), dim=-1)
         return PromptEmbeddings(classify, locate)
 
     def prompt_embeddings(

@@ -150,16 +150,18 @@ class CNNBackbone(nn.Module):
         if len(factors) > n:
             raise ValueError(f"{space.slices_per_token} slices/token needs more than {n} stages")
         zstrides = [1] * (n - len(factors)) + factors
+        if cfg.stage_blocks and len(cfg.stage_blocks) != n:
+            raise ValueError(f"stage_blocks {cfg.stage_blocks} must name {n} stages")
         stages: list[nn.Module] = []
         cin = 1
-        for c, sz in zip(cfg.channels, zstrides, strict=True):
+        for i, (c, sz) in enumerate(zip(cfg.channels, zstrides, strict=True)):
             kz, pz = (3, 1) if sz == 1 else (sz + 2, 1)
             layers: list[nn.Module] = [
                 nn.Conv3d(cin, c, (kz, 3, 3), stride=(sz, 2, 2), padding=(pz, 1, 1), bias=False),
                 nn.GroupNorm(_groups(c), c),
                 nn.GELU(),
             ]
-            layers += [_ResBlock(c) for _ in range(cfg.blocks_per_stage)]
+            layers += [_ResBlock(c) for _ in range(cfg.blocks(i))]
             stages.append(nn.Sequential(*layers))
             cin = c
         self.stages = nn.Sequential(*stages)

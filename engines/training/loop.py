@@ -126,15 +126,30 @@ class WarmupCosine:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def step_loss_config(preset: Preset, *, localization: bool = True) -> LossConfig:
+ABLATIONS: Final = ("no-localization", "no-prompts", "clip")
+
+
+def step_loss_config(
+    preset: Preset, *, localization: bool = True, ablation: str | None = None
+) -> LossConfig:
     """The preset's loss weights converted to "once per step over the whole batch" (see the
-    module docstring); ``localization=False`` trains without the localization loss (the
-    ablation the evaluation compares against)."""
+    module docstring). ``localization=False`` (or ablation ``"no-localization"``) trains
+    without the localization loss (the baseline the evaluation compares against);
+    ``"no-prompts"`` without the disease-prompt loss; ``"clip"`` with CLIP's softmax loss in
+    place of SigLIP: the paper's ablation table."""
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
     cfg = preset.loss
     o = preset.optim
+    localization = localization and ablation != "no-localization"
     loc = cfg.localization_weight * o.accum_steps if localization else 0.0
     prompt = cfg.prompt_weight * max(1.0, o.batch_size * o.accum_steps / _PROMPT_REF_BATCH)
-    return dataclasses.replace(cfg, prompt_weight=prompt, localization_weight=loc)
+    if ablation == "no-prompts":
+        prompt = 0.0
+    contrastive = "clip" if ablation == "clip" else cfg.contrastive
+    return dataclasses.replace(
+        cfg, prompt_weight=prompt, localization_weight=loc, contrastive=contrastive
+    )
 
 
 class DepthPrior:
@@ -218,6 +233,8 @@ def _init_distributed(device: str | torch.device | None) -> torch.device:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda" means this rank's GPU; set_device needs the index
+            dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -542,6 +559,7 @@ def train(
     workers: int = 0,
     device: str | torch.device | None = None,
     localization: bool = True,
+    ablation: str | None = None,
     lr: float | None = None,
     warmup_steps: int | None = None,
     samples_per_epoch: int = 1000,
@@ -557,7 +575,7 @@ def train(
     ``resume``: True continues from ``out_dir/checkpoints/last.pt`` if there is one, a path
     continues from that checkpoint. ``stop_after`` ends this invocation at that step without
     changing the schedule (for time-boxed jobs; resume later). ``localization=False`` trains
-    the ablation without the localization loss.
+    the ablation without the localization loss; ``ablation`` names one of ``ABLATIONS``.
 
     Writes ``run.json``, ``metrics.jsonl`` (one line per logged step), ``loss_curves.png``,
     ``depth_prior.json`` and ``checkpoints/{step-NNNNNNN,last}.pt``.
@@ -603,7 +621,8 @@ def train(
     model = build_model(p, text_tower=text_tower).to(dev)
     _broadcast_parameters(model)
     labels_matrix = dataset.label_matrix()
-    loss_cfg = step_loss_config(p, localization=localization)
+    loss_cfg = step_loss_config(p, localization=localization, ablation=ablation)
+    localization = loss_cfg.localization_weight > 0
     criterion = RadFinderLoss(
         loss_cfg, positive_weights(labels_matrix, cap=loss_cfg.pos_weight_cap)
     ).to(dev)
@@ -627,6 +646,13 @@ def train(
             text.warm(known_texts, lambda done, n: bar.update(1, texts=f"{done}/{n}"))
         if main:
             text.save(cache_path)
+        if not text.trainable:  # a resumed run loads the saved statistics over these
+            # Statistics of the corpus the model trains on; saved with the weights (buffers).
+            with torch.no_grad():
+                feats = torch.cat(
+                    [text(known_texts[i : i + 4096]) for i in range(0, len(known_texts), 4096)]
+                )
+            model.set_text_normalization(feats.to(dev))
     ctx = StepContext(
         model=model,
         criterion=criterion,
@@ -689,6 +715,7 @@ def train(
             "lr": base_lr,
             "loss_weights": dataclasses.asdict(loss_cfg),
             "localization": localization,
+            "ablation": ablation,
             "device": str(dev),
             "precision": p.optim.precision if dev.type == "cuda" else "fp32",
             "torch": torch.__version__,
