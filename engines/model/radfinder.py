@@ -189,6 +189,11 @@ class RadFinder(nn.Module):
         self.space = space
         self.vision = VisionTower(config.backbone, config.combiner, space)
         vision_dim = 2 * self.vision.out_dim  # [CLS or local CLS, per-depth feature]
+        self.feature_norm: nn.ModuleList | None = None
+        if config.feature_norm == "batch":  # cls, local cls, per-depth: one BN each
+            self.feature_norm = nn.ModuleList(
+                nn.BatchNorm1d(self.vision.out_dim) for _ in range(3)
+            )
         self.image_head = ProjectionHead(vision_dim, config.head)
         self.image_head_local = copy.deepcopy(self.image_head)
         self.text_head = ProjectionHead(text_dim, config.head)
@@ -226,6 +231,12 @@ class RadFinder(nn.Module):
             )
         cls, local_cls, per_depth = self.vision(volume, depth_valid)
         d = per_depth.shape[1]
+        if self.feature_norm is not None:
+            bn_cls, bn_local, bn_depth = self.feature_norm
+            cls, local_cls = bn_cls(cls), bn_local(local_cls)
+            per_depth = bn_depth(per_depth.reshape(-1, per_depth.shape[-1])).reshape(
+                per_depth.shape
+            )
         depth = self.image_head_local(
             torch.cat([local_cls[:, None].expand(-1, d, -1), per_depth], 2)
         )

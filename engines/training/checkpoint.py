@@ -182,6 +182,8 @@ def load_model(
     model = build_model(preset, text_tower=text_tower, load_text=load_text)
     missing, unexpected = model.load_state_dict(data["model"], strict=False)
     bad_missing = [k for k in missing if not (k.startswith("text.") and _frozen_text(model))]
+    # Checkpoints from before text standardisation: their identity statistics are the defaults.
+    bad_missing = [k for k in bad_missing if k not in ("text_mean", "text_std")]
     if not load_text:
         bad_missing = [k for k in bad_missing if not k.startswith("text.")]
         unexpected = [k for k in unexpected if not k.startswith("text.")]
