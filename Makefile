@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # CPU hosts take the local CPU wheel; a GPU host sets TORCH_SPEC (see README).
 TORCH_SPEC ?= torch==2.13.0
-DEBIAN_TOOLS := dcmtk dicom3tools orthanc
+DEBIAN_TOOLS := dcmtk dicom3tools orthanc chromium chromium-driver
 
-.PHONY: setup run test lint typecheck debian-tools bench clean
+.PHONY: setup run demo test lint typecheck debian-tools bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,17 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/radfinder-node serve
 
+# A node in this process, a generated chest CT sent to it, the findings printed and drawn.
+demo: setup
+	$(VENV)/bin/radfinder-node demo
+
 debian-tools:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian tools:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

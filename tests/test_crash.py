@@ -28,6 +28,8 @@ def start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         "RADFINDER_HOST": "127.0.0.1",
         "RADFINDER_QUIET_PERIOD_S": "1",
         "RADFINDER_COMPLETION_POLL_S": "0.2",
+        "RADFINDER_HL7_PORT": "0",  # free ports: parallel nodes must not fight over 2575/8080
+        "RADFINDER_HTTP_PORT": "0",
     }
     proc = subprocess.Popen(
         [

@@ -338,6 +338,7 @@ def start_node(data_dir: Path, hl7_port: int, db_url: str) -> subprocess.Popen[b
         "RADFINDER_DATABASE_URL": db_url,
         "RADFINDER_EMBEDDED_WORKER": "false",
         "RADFINDER_LOG_JSON": "true",
+        "RADFINDER_HTTP_PORT": "0",
     }
     log = (data_dir.parent / "node.log").open("ab")
     proc = subprocess.Popen(
