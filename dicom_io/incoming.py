@@ -9,7 +9,9 @@ accepting the instance is an fsync and a rename on the same filesystem, not a co
 pynetdicom opens the file through ``dimse_messages.NamedTemporaryFile``; we substitute a factory
 whose files never raise from ``write``: a full disk is recorded on the file and reported by the
 C-STORE handler as "out of resources", instead of aborting the association from inside
-pynetdicom's reactor.
+pynetdicom's reactor. The same mechanism enforces the largest instance the node accepts: past
+the limit the file is deleted at once and the rest of the data set is counted, not written, so a
+peer cannot fill the disk with one object and nothing half-written is left to quarantine.
 """
 
 from __future__ import annotations
@@ -25,19 +27,40 @@ from pynetdicom import _config, dimse_messages
 _lock = threading.Lock()
 _registry: dict[str, IncomingFile] = {}
 _directory: Path | None = None
+_max_bytes = 0
+
+
+class InstanceTooLargeError(OSError):
+    """The data set outgrew the node's limit; ``received`` counts every byte that arrived."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"instance exceeds the limit of {limit} bytes")
+        self.limit = limit
+        self.received = 0
 
 
 class IncomingFile:
     """The file-like object pynetdicom writes a data set into (write/flush/close/name/file)."""
 
-    def __init__(self, fd: int | None, name: str, error: OSError | None = None) -> None:
+    def __init__(
+        self, fd: int | None, name: str, error: OSError | None = None, max_bytes: int = 0
+    ) -> None:
         self.name = name
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error = error
         self.size = 0
+        self.max_bytes = max_bytes
         self._fd = fd
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        if isinstance(self.error, InstanceTooLargeError):
+            self.error.received += len(data)
+            return len(data)
+        if self.error is None and self.max_bytes and self.size + len(data) > self.max_bytes:
+            too_large = InstanceTooLargeError(self.max_bytes)
+            too_large.received = self.size + len(data)
+            self._fail(too_large)
+            return len(data)
         if self.error is None and self._fd is not None:
             try:
                 view = memoryview(data)
@@ -69,7 +92,7 @@ def _named_temporary_file(
     directory = _directory or Path(tempfile.gettempdir())
     try:
         fd, name = tempfile.mkstemp(suffix=suffix, prefix="rx-", dir=directory)
-        incoming = IncomingFile(fd, name)
+        incoming = IncomingFile(fd, name, max_bytes=_max_bytes)
     except OSError as exc:
         name = str(directory / f"rx-unwritable-{threading.get_ident()}{suffix}")
         incoming = IncomingFile(None, name, exc)
@@ -78,11 +101,15 @@ def _named_temporary_file(
     return incoming
 
 
-def install(directory: Path) -> None:
-    """Route pynetdicom's received data sets into ``directory`` (process-wide)."""
-    global _directory
+def install(directory: Path, max_bytes: int = 0) -> None:
+    """Route pynetdicom's received data sets into ``directory`` (process-wide), refusing any
+    larger than ``max_bytes`` (file meta included; 0 = no limit)."""
+    global _directory, _max_bytes
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     directory.mkdir(parents=True, exist_ok=True)
     _directory = directory
+    _max_bytes = max_bytes
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment,attr-defined]
 

@@ -4,6 +4,12 @@ This adapter owns the DICOM side of receiving (contexts, statuses, spool and qua
 per-association accounting). What a stored instance *means* — database rows, series state — is
 the application's business, reached through the ``InstanceRecorder`` protocol; the success status
 goes out only after the recorder returns, i.e. after the application has committed.
+
+Who may associate is decided here too, when the A-ASSOCIATE-RQ arrives: an ``admission`` callable
+(the application's allow-list) answers from the calling AE title and the peer's address, and a
+per-address count caps the associations one peer may hold; both refuse with A-ASSOCIATE-RJ and the
+reason PS3.8 Table 9-21 defines. With TLS the handshake runs in the connection's own thread with a
+timeout (pynetdicom would run it in the accept loop, where one silent client stalls everyone).
 """
 
 from __future__ import annotations
@@ -13,20 +19,25 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_io import incoming as incoming_files
 from dicom_io.selection import summary_attributes
 from dicom_io.spool import InvalidUIDError, Quarantine, Spool, SpoolFullError, StoredFile
+from dicom_io.tls import peer_subject
 from dicom_io.uids import is_valid_uid
 
 log = logging.getLogger("dicom_io.scp")
@@ -42,6 +53,15 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_MISSING_UIDS = 0xC211
 STATUS_UID_MISMATCH = 0xC212
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user: calling AE not recognized
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation): limit
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+# Decides from (calling AE title, peer address) whether to admit: None, or the reason not to.
+Admission = Callable[[str, str], "str | None"]
 
 # Study-level attributes the application records besides the selection summary.
 STUDY_KEYWORDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyDescription", "SeriesNumber")
@@ -109,6 +129,79 @@ class _AssocStats:
     bytes: int = 0
     failures: int = 0
     series: set[str] = field(default_factory=set)
+    tls: str | None = None  # "tls" or the client certificate's CN; None in the clear
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    rsd: tuple[int, int, int]
+    reason: str
+
+
+class _AdmittingACSE(ACSE):
+    """pynetdicom's ACSE with the SCP's admission decision in front of its own negotiation."""
+
+    def __init__(
+        self, assoc: Association, admit: Callable[[Association, str], _Refusal | None]
+    ) -> None:
+        super().__init__(assoc)
+        self._admit = admit
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = cast(A_ASSOCIATE, self.requestor.primitive)
+        refusal = self._admit(self.assoc, str(rq.calling_ae_title or "").strip())
+        if refusal is None:
+            super()._negotiate_as_acceptor()
+            return
+        self.requestor.ae_title = rq.calling_ae_title
+        self.send_reject(*refusal.rsd)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+class _Server(ThreadedAssociationServer):
+    """The association server with what its request handlers need from the SCP."""
+
+    scp: StorageSCP
+    tls: ssl.SSLContext | None
+
+
+class _Handler(RequestHandler):
+    """Per connection: the TLS handshake (bounded), then pynetdicom's handling with admission."""
+
+    def handle(self) -> None:
+        server = cast(_Server, self.server)
+        if server.tls is not None:
+            secured = _handshake(self.request, server.tls, self.client_address)
+            if secured is None:
+                return
+            self.request = secured
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.acse = _AdmittingACSE(assoc, cast(_Server, self.server).scp._admit)
+        return assoc
+
+
+def _handshake(raw: Any, context: ssl.SSLContext, address: Any) -> ssl.SSLSocket | None:
+    """Server-side TLS handshake within TLS_HANDSHAKE_TIMEOUT_S; None (logged) if it failed."""
+    peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    try:
+        raw.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        secured = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+    except (OSError, ValueError) as exc:
+        log.warning("tls handshake failed", extra={"fields": {"peer": peer, "error": str(exc)}})
+        raw.close()
+        return None
+    try:
+        secured.do_handshake()
+        secured.settimeout(None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
+        log.warning("tls handshake failed", extra={"fields": {"peer": peer, "error": str(exc)}})
+        secured.close()
+        return None
+    return secured
 
 
 class StorageSCP:
@@ -123,11 +216,22 @@ class StorageSCP:
         ae_title: str = "RADFINDER",
         allowed_calling_aes: Iterable[str] = (),
         maximum_pdu_size: int = 0,
+        admission: Admission | None = None,
+        max_associations_per_peer: int = 0,
+        max_instance_bytes: int = 0,
     ) -> None:
+        """``allowed_calling_aes`` is a plain title list (pynetdicom's own check);
+        ``admission`` the application's richer decision (titles with hosts). A limit of 0 is
+        no limit."""
+        if max_associations_per_peer < 0 or max_instance_bytes < 0:
+            raise ValueError("limits must be >= 0 (0 = no limit)")
         self.spool = spool
         self.quarantine = quarantine
         self.recorder = recorder
-        incoming_files.install(spool.incoming)
+        self.admission = admission
+        self.max_associations_per_peer = max_associations_per_peer
+        self.max_instance_bytes = max_instance_bytes
+        incoming_files.install(spool.incoming, max_instance_bytes)
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = maximum_pdu_size
         self.ae.maximum_associations = 64
@@ -140,6 +244,7 @@ class StorageSCP:
         self._add_contexts()
         self._lock = threading.Lock()
         self._assocs: dict[int, _AssocStats] = {}
+        self._by_peer: dict[str, set[Association]] = {}
         self._server: ThreadedAssociationServer | None = None
 
     def _add_contexts(self) -> None:
@@ -153,17 +258,34 @@ class StorageSCP:
 
     # -- server lifecycle -------------------------------------------------------------------
     def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Start listening in background threads; returns the bound port (0 picks a free one)."""
+        """Start listening in background threads; returns the bound port (0 picks a free one).
+
+        With ``ssl_context`` every connection must complete a TLS handshake first (see
+        :func:`dicom_io.tls.server_context` for client-certificate checking)."""
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        server = self.ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        # What AE.start_server(block=False) does, with our handler class; TLS is left to the
+        # handler (ssl_context=None here) so the accept loop never waits on a handshake.
+        server = cast(
+            _Server,
+            self.ae.make_server(
+                (host, port),
+                evt_handlers=handlers,
+                server_class=_Server,
+                request_handler=_Handler,
+            ),
         )
-        assert server is not None  # block=False always returns the server
+        server.scp = self
+        server.tls = ssl_context
+        thread = threading.Thread(
+            target=make_target(server.serve_forever), name=f"AcceptorServer@{port}", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(server)  # AssociationServer.shutdown() removes it again
         self._server = server
         return int(server.server_address[1])
 
@@ -179,6 +301,53 @@ class StorageSCP:
                 set().union(*(a.series for a in self._assocs.values())) if self._assocs else set()
             )
 
+    # -- admission ------------------------------------------------------------------------
+    def _admit(self, assoc: Association, calling_ae: str) -> _Refusal | None:
+        """Called in the association's thread with its A-ASSOCIATE-RQ; None admits it."""
+        address = str(assoc.requestor.address)
+        refusal: _Refusal | None = None
+        try:
+            reason = self.admission(calling_ae, address) if self.admission is not None else None
+        except Exception as exc:  # a broken check must not open the door: refuse
+            log.exception("admission check failed", extra={"fields": {"peer": address}})
+            reason = f"admission check failed: {type(exc).__name__}"
+        if reason is not None:
+            refusal = _Refusal(REJECT_CALLING_AE, reason)
+        elif self.max_associations_per_peer:
+            with self._lock:
+                held = {a for a in self._by_peer.get(address, ()) if a.is_alive()}
+                if len(held) >= self.max_associations_per_peer:
+                    refusal = _Refusal(
+                        REJECT_LOCAL_LIMIT,
+                        f"{address} already holds {len(held)} associations "
+                        f"(limit {self.max_associations_per_peer})",
+                    )
+                else:
+                    held.add(assoc)
+                self._by_peer[address] = held
+        if refusal is not None:
+            log.warning(
+                "association rejected",
+                extra={
+                    "fields": {
+                        "peer": f"{address}:{assoc.requestor.port}",
+                        "calling_ae": calling_ae,
+                        "reason": refusal.reason,
+                        "result_source_diagnostic": list(refusal.rsd),
+                    }
+                },
+            )
+        return refusal
+
+    def _release(self, assoc: Association) -> None:
+        address = str(assoc.requestor.address)
+        with self._lock:
+            held = self._by_peer.get(address)
+            if held is not None:
+                held.discard(assoc)
+                if not held:
+                    del self._by_peer[address]
+
     # -- handlers ---------------------------------------------------------------------------
     def _stats(self, event: evt.Event) -> _AssocStats:
         key = id(event.assoc)
@@ -189,7 +358,7 @@ class StorageSCP:
             return stats
 
     def _on_established(self, event: evt.Event) -> None:
-        self._stats(event)
+        stats = self._stats(event)
         # pynetdicom's DUL reactor sleeps this long whenever its socket is idle, i.e. between
         # the response to one C-STORE and the next request: 1 ms by default, a third of the
         # per-instance budget. 0.1 ms costs a little CPU only while an association is open.
@@ -200,8 +369,11 @@ class StorageSCP:
         raw = getattr(getattr(dul, "socket", None), "socket", None)
         if isinstance(raw, socket.socket):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(raw, ssl.SSLSocket):
+            stats.tls = peer_subject(raw) or "tls"
 
     def _on_closed(self, event: evt.Event) -> None:
+        self._release(event.assoc)
         with self._lock:
             stats = self._assocs.pop(id(event.assoc), None)
         if stats is None:  # a connection that never became an association (rejected, probe)
@@ -218,6 +390,7 @@ class StorageSCP:
                     "series": len(stats.series),
                     "duration_s": round(time.monotonic() - stats.started, 3),
                     "aborted": bool(event.assoc.is_aborted),
+                    "tls": stats.tls,
                 }
             },
         )
@@ -225,7 +398,7 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         stats = self._stats(event)
         req = event.request
         try:
@@ -237,6 +410,9 @@ class StorageSCP:
         incoming = incoming_files.claim(path)
         if incoming is not None:
             incoming.close()
+            if isinstance(incoming.error, incoming_files.InstanceTooLargeError):
+                path.unlink(missing_ok=True)  # already gone; nothing half-written stays
+                return self._too_large(stats, incoming.error, _req_uid(req))
             if incoming.error is not None:
                 stats.failures += 1
                 path.unlink(missing_ok=True)
@@ -301,6 +477,45 @@ class StorageSCP:
             return STATUS_OUT_OF_RESOURCES
         stats.count += 1
         return STATUS_SUCCESS
+
+    def _too_large(
+        self,
+        stats: _AssocStats,
+        error: incoming_files.InstanceTooLargeError,
+        sop_uid: str | None,
+    ) -> Dataset:
+        """Refuse an instance over the limit: recorded (without a file), failure status."""
+        stats.failures += 1
+        reason = f"instance of {error.received} bytes exceeds the limit of {error.limit} bytes"
+        log.warning(
+            "instance rejected",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}",
+                    "sop_uid": sop_uid,
+                    "calling_ae": stats.calling_ae,
+                    "peer": stats.peer,
+                }
+            },
+        )
+        rejected = Rejected(
+            reason,
+            STATUS_OUT_OF_RESOURCES,
+            None,
+            error.received,
+            sop_uid,
+            stats.calling_ae,
+            stats.peer,
+        )
+        try:
+            self.recorder.instance_rejected(rejected)
+        except Exception:
+            log.error("recording rejection failed", exc_info=True)
+        rsp = Dataset()
+        rsp.Status = STATUS_OUT_OF_RESOURCES
+        rsp.ErrorComment = f"instance exceeds {error.limit} bytes"[:64]  # LO
+        return rsp
 
     def _reject(
         self, stats: _AssocStats, src: Path, reason: str, status: int, sop_uid: str | None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ _MAX_CONTEXTS: Final = 128  # PS3.8 9.3.2.2: presentation context IDs are odd nu
 # Same reasoning as the SCP: pynetdicom's reactor sleeps this long between PDUs when idle.
 _DUL_POLL_S: Final = 0.0001
 _AE_TITLE: Final = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # AE VR: no backslash or control
-_DESTINATION: Final = re.compile(r"^(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d+)$")
+_DESTINATION: Final = re.compile(
+    r"^(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d+)(?P<tls>\+tls)?$"
+)
 
 
 def _check_ae_title(value: str, what: str) -> str:
@@ -48,11 +51,12 @@ def _check_ae_title(value: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE peer. ``str()`` gives back the ``AE@HOST:PORT`` form ``parse`` accepts."""
+    """A C-STORE peer. ``str()`` gives back the ``AE@HOST:PORT[+tls]`` form ``parse`` accepts."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # the peer speaks DICOM over TLS (PS3.15 B.1); its certificate is verified
 
     def __post_init__(self) -> None:
         _check_ae_title(self.ae_title, "called AE title")
@@ -63,16 +67,17 @@ class Destination:
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """``AE@HOST:PORT`` (an IPv6 host in brackets: ``PACS@[::1]:104``)."""
+        """``AE@HOST:PORT`` (an IPv6 host in brackets: ``PACS@[::1]:104``); ``+tls`` at the end
+        (``PACS@pacs.example.org:2762+tls``) sends over TLS."""
         m = _DESTINATION.match(text.strip())
         if m is None:
-            raise ValueError(f"destination must look like AE@HOST:PORT, got {text!r}")
+            raise ValueError(f"destination must look like AE@HOST:PORT[+tls], got {text!r}")
         host = m["host"][1:-1] if m["host"].startswith("[") else m["host"]
-        return cls(m["ae"], host, int(m["port"]))
+        return cls(m["ae"], host, int(m["port"]), tls=m["tls"] is not None)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{host}:{self.port}{'+tls' if self.tls else ''}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,11 @@ def _tune(assoc: Any) -> None:
 
 def _association_error(assoc: Any, destination: Destination, connected: bool) -> str:
     if not connected:
+        if destination.tls:
+            return (
+                f"could not connect to {destination} (peer down, unreachable, timed out, or "
+                "the TLS handshake failed: certificate not trusted or name mismatch)"
+            )
         return f"could not connect to {destination} (peer down, unreachable or timed out)"
     if assoc.is_rejected:
         rsp = getattr(getattr(assoc, "acceptor", None), "primitive", None)
@@ -181,11 +191,13 @@ def send_datasets(
     *,
     calling_ae: str = "RADFINDER",
     timeout_s: float = 30,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """C-STORE every item to ``destination`` over one association; one result per item, in order.
 
     ``Dataset`` items need ``file_meta.TransferSyntaxUID`` (as a written or read object has);
-    ``Path`` items are Part 10 files. Never raises for a network or peer failure.
+    ``Path`` items are Part 10 files. Never raises for a network or peer failure. A TLS
+    destination uses ``tls`` (see :func:`dicom_io.tls.client_context`), else the system's CAs.
     """
     _check_ae_title(calling_ae, "calling AE title")
     if timeout_s <= 0:
@@ -211,6 +223,11 @@ def send_datasets(
         connected.append(True)
         _tune(event.assoc)
 
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if destination.tls:
+        from dicom_io.tls import client_context
+
+        tls_args = (tls if tls is not None else client_context(), destination.host)
     started = time.monotonic()
     assoc = ae.associate(
         destination.host,
@@ -218,6 +235,7 @@ def send_datasets(
         ae_title=destination.ae_title,
         max_pdu=0,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         error = _association_error(assoc, destination, bool(connected))

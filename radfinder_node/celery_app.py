@@ -152,11 +152,13 @@ def create_app(settings: Settings, db: Database | None = None) -> Celery:
     Each app carries its own task context, so a node and a test's second app in the same
     process never share a database handle by accident.
     """
+    from radfinder_node.export_schedule import register_export
     from radfinder_node.tasks import register_tasks
 
     app = Celery("radfinder_node", set_as_current=False)
     app.config_from_object(celery_config(settings))
     register_tasks(app, settings, db)
+    register_export(app, settings, db)  # the nightly retraining export and its beat schedule
     return app
 
 

@@ -1,4 +1,4 @@
-"""`radfinder-node`: serve, config show, status, volume, synth."""
+"""`radfinder-node`: serve, worker, config show, status, cleanup, volume, synth."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         destinations=args.destination,
         broker_url=args.broker,
         hl7_port=args.hl7_port,
+        http_port=args.http_port,
     )
     setup_logging(settings.log_level, settings.log_json)
     from radfinder_node.node import Node
@@ -44,6 +45,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     from radfinder_node.celery_app import run_worker
 
+    if args.metrics_port is not None:
+        from radfinder_node.web import serve_worker_metrics
+
+        serve_worker_metrics(settings, args.metrics_port)
     return run_worker(settings, hostname=args.hostname, loglevel=settings.log_level)
 
 
@@ -94,6 +99,30 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"({err['attempts']} tries, {err['status']}): {err['error']}"
             )
     return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_json)
+    from radfinder_node.database import Database
+    from radfinder_node.retention import Retention
+
+    db = Database(settings.effective_database_url)
+    try:
+        report = Retention.from_settings(db, settings).run_once(dry_run=args.dry_run)
+    finally:
+        db.dispose()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        verb = "would delete" if report.dry_run else "deleted"
+        for kind in ("spool", "results", "quarantine"):
+            files, size = getattr(report, f"{kind}_files"), getattr(report, f"{kind}_bytes")
+            print(f"{kind:<11} {verb} {files} files, {size} bytes")
+        print(f"studies     {len(report.spool_studies)}")
+        for error in report.errors:
+            print(f"error: {error}")
+    return 1 if report.errors else 0
 
 
 def cmd_volume(args: argparse.Namespace) -> int:
@@ -235,6 +264,24 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return run(sys.stdin.buffer, sys.stdout, jsonl=args.jsonl)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_json)
+    from radfinder_node.export_cli import run_export
+
+    return run_export(
+        settings, since=args.since, out=args.out, no_deid=args.no_deid, stdout=sys.stdout
+    )
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_json)
+    from radfinder_node.export_cli import run_beat
+
+    return run_beat(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfinder-node", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML file (default ./radfinder.toml)")
@@ -246,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title")
     serve.add_argument("--host")
     serve.add_argument("--hl7-port", type=int, help="HL7 MLLP port (default 2575; 0 = any)")
+    serve.add_argument(
+        "--http-port", type=int, help="health, metrics and status page port (default 8080)"
+    )
     serve.add_argument(
         "--destination",
         action="append",
@@ -266,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queue", help="queue to consume (default: inference)")
     worker.add_argument("--runtime", help="engine runtime: auto, onnx, torch, tensorrt")
     worker.add_argument("--device", help="engine device: auto, cpu, cuda, cuda:N")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve this worker's /metrics and /healthz on http_host:PORT (0 = any free port)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     config = sub.add_parser("config", help="configuration")
@@ -279,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--data-dir", type=Path)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    cleanup = sub.add_parser(
+        "cleanup", help="delete spool, results and quarantine files past their retention age"
+    )
+    cleanup.add_argument("--data-dir", type=Path)
+    cleanup.add_argument("--dry-run", action="store_true", help="only count what would go")
+    cleanup.add_argument("--json", action="store_true")
+    cleanup.set_defaults(func=cmd_cleanup)
 
     volume = sub.add_parser("volume", help="assemble a series directory into a volume")
     volume.add_argument("directory", type=Path)
@@ -365,6 +428,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--jsonl", action="store_true", help='one {"id", "text"} per line in, one line out each'
     )
     mine.set_defaults(func=cmd_mine)
+
+    exp = sub.add_parser(
+        "export", help="write linked reports, volumes and snippet-slice pairs as training data"
+    )
+    exp.add_argument("--data-dir", type=Path)
+    exp.add_argument(
+        "--since",
+        default="last",
+        metavar="DATE|last",
+        help="last: what --out does not have yet (default); DATE: every report mined since",
+    )
+    exp.add_argument("--out", type=Path, help="destination (default: export_dir)")
+    exp.add_argument("--no-deid", action="store_true", help="keep identifiers (stays on site)")
+    exp.set_defaults(func=cmd_export)
+
+    beat = sub.add_parser("beat", help="the scheduler of the nightly export (sites with workers)")
+    beat.add_argument("--data-dir", type=Path)
+    beat.set_defaults(func=cmd_beat)
+
+    from radfinder_node.demo import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 

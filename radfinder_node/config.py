@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -57,7 +57,28 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="address the DICOM listener binds")
     port: int = Field(11112, ge=0, le=65535, description="DICOM listener port")
     allowed_calling_aes: list[str] = Field(
-        default_factory=list, description="calling AE titles allowed to associate; empty = any"
+        default_factory=list,
+        description="who may associate: AE, AE@ADDRESS, AE@NETWORK/PREFIX, AE@HOSTNAME or "
+        "*@NETWORK/PREFIX; empty = any AE from anywhere",
+    )
+    # --- security on the hospital network (issue 7) -------------------------------------------
+    max_associations_per_peer: int = Field(
+        16, ge=0, description="open DICOM associations one peer address may hold; 0 = unlimited"
+    )
+    max_instance_bytes: int = Field(
+        4 * 1024**3, ge=0, description="largest instance accepted (C-STORE); 0 = unlimited"
+    )
+    dicom_tls: bool = Field(False, description="the DICOM listener speaks TLS only")
+    hl7_tls: bool = Field(False, description="the HL7 (MLLP) listener speaks TLS only")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) of the listeners, also offered to peers"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle: verifies client certificates and TLS destinations"
+    )
+    tls_require_client_cert: bool = Field(
+        False, description="TLS clients must present a certificate signed by tls_ca"
     )
     quiet_period_s: float = Field(
         5.0, ge=0, description="a series is complete this long after its last instance"
@@ -122,6 +143,48 @@ class Settings(BaseSettings):
     hl7_idle_timeout_s: float = Field(
         0, ge=0, description="close an HL7 connection silent this long; 0 = keep it open"
     )
+    # --- retraining export (issue 6) ----------------------------------------------------------
+    export_dir: Path | None = Field(
+        None, description="where the nightly export writes; default <data_dir>/export"
+    )
+    export_time: str = Field(
+        "02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="nightly export, HH:MM UTC"
+    )
+    export_nightly: bool = Field(True, description="schedule the nightly export (Celery beat)")
+    deid: bool = Field(
+        True, description="de-identify exports: pseudonyms, per-patient date shift, clean text"
+    )
+    deid_secret: SecretStr | None = Field(
+        None, description="HMAC key of the pseudonyms; default: created in <data_dir>/deid_secret"
+    )
+    # --- retention (issue 7): what the node deletes, and when ----------------------------------
+    retention_spool_days: float = Field(
+        14.0,
+        ge=0,
+        description="delete a study's received instances this many days after its last one, "
+        "once every series is decided and its jobs are done and sent; 0 = keep forever",
+    )
+    retention_results_days: float = Field(
+        30.0,
+        ge=0,
+        description="delete a written SR/KOS this many days after every destination confirmed "
+        "it (results never sent anywhere are kept); 0 = keep forever",
+    )
+    retention_quarantine_days: float = Field(
+        90.0, ge=0, description="delete quarantined input this many days old; 0 = keep forever"
+    )
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="how often the node runs the cleanup"
+    )
+    # --- HTTP: health, readiness, metrics, status page (issue 7) -----------------------------
+    http_enabled: bool = Field(True, description="serve /healthz, /readyz, /metrics and /")
+    http_host: str = Field(
+        "127.0.0.1", description="address the HTTP server binds; loopback unless opened on purpose"
+    )
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 = any free port")
+    http_password: SecretStr | None = Field(
+        None, description="HTTP Basic password (any user name) on every path but /healthz"
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -149,6 +212,24 @@ class Settings(BaseSettings):
         for text in v:
             Destination.parse(text)  # raises ValueError with the reason
         return v
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _allowed_calling_aes_valid(cls, v: list[str]) -> list[str]:
+        from radfinder_node.security import AllowEntry
+
+        for text in v:
+            AllowEntry.parse(text)  # raises ValueError naming the entry
+        return v
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        """TLS settings that cannot work fail here, not at the first handshake."""
+        if (self.dicom_tls or self.hl7_tls) and self.tls_cert is None:
+            raise ValueError("dicom_tls/hl7_tls need tls_cert (and tls_key unless it is inside)")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ValueError("tls_require_client_cert needs tls_ca to verify client certificates")
+        return self
 
     @property
     def effective_broker_url(self) -> str:
@@ -182,6 +263,15 @@ class Settings(BaseSettings):
     @property
     def effective_hl7_host(self) -> str:
         return self.hl7_host if self.hl7_host is not None else self.host
+
+    @property
+    def effective_export_dir(self) -> Path:
+        return self.export_dir if self.export_dir is not None else self.data_dir / "export"
+
+    @property
+    def export_hour_minute(self) -> tuple[int, int]:
+        hour, minute = self.export_time.split(":")
+        return int(hour), int(minute)
 
     @classmethod
     def settings_customise_sources(

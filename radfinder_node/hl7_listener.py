@@ -27,13 +27,16 @@ import itertools
 import logging
 import secrets
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from dicom_io.spool import Quarantine, atomic_write
+from dicom_io.tls import subject_common_name
 from radfinder_node.database import Database
 from radfinder_node.linking import ControlIdReusedError, store_report, unlinkable_reason
+from radfinder_node.metrics import NodeMetrics
 from radfinder_node.models import QuarantinedObject
 from radfinder_node.timeutil import utcnow
 from reports.hl7_parse import (
@@ -51,6 +54,7 @@ from reports.mllp import Discarded, Frame, FrameDecoder, frame
 log = logging.getLogger("radfinder_node.hl7")
 
 _READ_CHUNK = 256 * 1024
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class ReportReceiver:
@@ -65,8 +69,10 @@ class ReportReceiver:
         on_stored: Callable[[], None] | None = None,
         application: str = "RADFINDER",
         durable: bool = True,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.db = db
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.durable = durable
         self.quarantine = quarantine
         self.accession_field = accession_field
@@ -81,6 +87,7 @@ class ReportReceiver:
     def _ack(
         self, header: Header | None, code: AckCode, error: HL7Error | None = None
     ) -> bytes | None:
+        self.metrics.hl7_answered(code)  # each message reaches here once, with its decision
         if not ack_wanted(header, code == "AA"):
             return None
         return build_ack(
@@ -120,6 +127,7 @@ class ReportReceiver:
         }
         if header.message_type == "ACK":
             log.info("hl7 ACK received and not answered", extra={"fields": fields})
+            self.metrics.hl7_answered(None)
             return None
         report = message.report
         if report is None:
@@ -285,12 +293,16 @@ class HL7Listener:
         self._error: BaseException | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.port: int | None = None
+        self._tls: ssl.SSLContext | None = None
 
     @property
     def connections(self) -> int:
         return len(self._connections)
 
-    def start(self, host: str, port: int) -> int:
+    def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
+        """With ``ssl_context`` every connection is MLLP over TLS (client certificates checked
+        as the context says, see :func:`dicom_io.tls.server_context`)."""
+        self._tls = ssl_context
         self._thread = threading.Thread(
             target=self._run, args=(host, port), name="hl7-listener", daemon=True
         )
@@ -349,6 +361,25 @@ class HL7Listener:
                 await asyncio.gather(*late, return_exceptions=True)
         log.info("hl7 listener stopped")
 
+    async def _start_tls(self, writer: asyncio.StreamWriter, peer: str) -> bool:
+        """Upgrade before the first byte is read; the handshake is bounded and a failure (no
+        or untrusted client certificate, plain MLLP to a TLS port) is logged with the peer,
+        which asyncio's own TLS server would drop silently."""
+        assert self._tls is not None
+        try:
+            await writer.start_tls(self._tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning(
+                "hl7 tls handshake failed", extra={"fields": {"peer": peer, "error": str(exc)}}
+            )
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return False
+        subject = subject_common_name(writer.get_extra_info("peercert"))
+        log.info("hl7 tls established", extra={"fields": {"peer": peer, "client": subject}})
+        return True
+
     async def _read(self, reader: asyncio.StreamReader) -> bytes:
         if self.idle_timeout_s > 0:
             return await asyncio.wait_for(reader.read(_READ_CHUNK), self.idle_timeout_s)
@@ -359,6 +390,9 @@ class HL7Listener:
         assert task is not None
         self._connections[task] = writer
         peer = _peer_name(writer)
+        if self._tls is not None and not await self._start_tls(writer, peer):
+            self._connections.pop(task, None)
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.scp import ReceivedInstance, Rejected
 from radfinder_node.database import Database
+from radfinder_node.metrics import NodeMetrics
 from radfinder_node.models import Instance, QuarantinedObject, Series, SeriesState, Study
 from radfinder_node.timeutil import utcnow
 
@@ -43,8 +44,9 @@ class IngestRecorder:
 
     CACHE_SIZE = 4096
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, metrics: NodeMetrics | None = None) -> None:
         self.db = db
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         dialect = db.engine.dialect.name
         self._insert_study = _insert_ignore(dialect, Study, "study_uid")
         self._insert_series = _insert_ignore(dialect, Series, "series_uid")
@@ -82,6 +84,7 @@ class IngestRecorder:
                 },
             )
         assert series_id is not None
+        self.metrics.instance_stored(instance.stored.size)
         with self._lock:
             self._series_ids[instance.series_uid] = series_id
             self._series_ids.move_to_end(instance.series_uid)
@@ -137,6 +140,7 @@ class IngestRecorder:
         return int(row.id)
 
     def instance_rejected(self, rejected: Rejected) -> None:
+        self.metrics.instances_rejected.inc()
         with self.db.transaction() as session:
             session.add(
                 QuarantinedObject(

@@ -9,6 +9,7 @@ a second worker can never move a job twice: the loser's update matches no row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -60,6 +61,27 @@ def read_bundle_ref(path: Path) -> BundleRef:
     if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
         raise BundleMissingError(f"{toml}: name and version must be non-empty strings")
     return BundleRef(name, version)
+
+
+def locate_bundle(bundle_path: Path, ref: BundleRef) -> Path | None:
+    """The directory holding bundle ``ref``: the configured one, or a version installed beside
+    it (``bundles/radfinder-1.2`` next to ``bundles/radfinder-1.3``, with ``bundle_path`` a
+    symlink switched from one to the other). Jobs queued before an upgrade keep the version
+    they were created for, so they run on it instead of failing; None when it is nowhere."""
+    path = Path(bundle_path)
+    with contextlib.suppress(BundleMissingError):
+        if read_bundle_ref(path) == ref:
+            return path.resolve()
+    parent = path.resolve().parent
+    try:
+        siblings = sorted(p for p in parent.iterdir() if p.is_dir())
+    except OSError:
+        return None
+    for candidate in siblings:
+        with contextlib.suppress(BundleMissingError):
+            if read_bundle_ref(candidate) == ref:
+                return candidate.resolve()
+    return None
 
 
 def job_key(series_uid: str, bundle: BundleRef) -> str:
@@ -162,15 +184,27 @@ def publish(db: Database, app: Celery, job_id: int, *, countdown: float = 0.0) -
 
 
 class JobSubmitter:
-    """The completion monitor's ``on_selected``: one job per selected series, then a message."""
+    """The completion monitor's ``on_selected``: one job per selected series, then a message.
+
+    Given the bundle's directory rather than a fixed name and version, it reads ``bundle.toml``
+    for every series (a small file), so a bundle upgraded while the node runs is asked for by
+    the next job: an upgrade needs no restart of the node.
+    """
 
     def __init__(
-        self, db: Database, app: Celery, bundle: BundleRef, destinations: Sequence[str]
+        self, db: Database, app: Celery, bundle: BundleRef | Path, destinations: Sequence[str]
     ) -> None:
         self.db = db
         self.app = app
-        self.bundle = bundle
+        self._bundle = bundle
         self.destinations = list(destinations)
+
+    @property
+    def bundle(self) -> BundleRef:
+        """The bundle new jobs ask for; BundleMissingError when none is installed."""
+        if isinstance(self._bundle, BundleRef):
+            return self._bundle
+        return read_bundle_ref(self._bundle)
 
     def __call__(self, series_uid: str) -> int:
         job_id, created = create_job(self.db, series_uid, self.bundle, self.destinations)

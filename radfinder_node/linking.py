@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from radfinder_node.database import Database
+from radfinder_node.metrics import NodeMetrics
 from radfinder_node.models import Series, SeriesState, Study
 from radfinder_node.report_models import PairState, Report, ReportState, SnippetSlicePair
 from radfinder_node.resolve import Resolution, resolve_references
@@ -392,9 +393,10 @@ def mine_report(db: Database, report_id: int, spool_dir: Path) -> int:
 class ReportLinker:
     """The loop that links waiting reports and mines linked ones (a thread of the node)."""
 
-    def __init__(self, db: Database, spool_dir: Path) -> None:
+    def __init__(self, db: Database, spool_dir: Path, metrics: NodeMetrics | None = None) -> None:
         self.db = db
         self.spool_dir = spool_dir
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self._wake = threading.Event()
 
     def wake(self, *_args: object) -> None:
@@ -407,7 +409,15 @@ class ReportLinker:
         for report_id in reports_ready_to_mine(self.db):
             mine_report(self.db, report_id, self.spool_dir)
             mined += 1
+            self.metrics.report_mined(self._pair_states(report_id))
         return linked, mined
+
+    def _pair_states(self, report_id: int) -> list[str]:
+        with self.db.transaction() as session:
+            states = session.scalars(
+                select(SnippetSlicePair.state).where(SnippetSlicePair.report_id == report_id)
+            ).all()
+        return [PairState(s).value for s in states]
 
     def pending(self) -> int:
         with self.db.transaction() as session:

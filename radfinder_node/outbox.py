@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -36,6 +37,7 @@ from dicom_io.spool import atomic_write
 from dicom_io.uids import is_valid_uid
 from radfinder_node.database import Database
 from radfinder_node.job_models import Job, JobState, OutboundObject, OutboundState
+from radfinder_node.metrics import NodeMetrics
 from radfinder_node.timeutil import as_utc, utcnow
 
 log = logging.getLogger("radfinder_node.outbox")
@@ -176,8 +178,12 @@ class OutboxSender:
         calling_ae: str,
         timeout_s: float,
         policy: RetryPolicy,
+        metrics: NodeMetrics | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.db = db
+        self.tls = tls  # for destinations marked +tls
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.results_dir = results_dir
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
@@ -240,7 +246,11 @@ class OutboxSender:
         else:
             paths = [self.results_dir / r.path for r in rows]
             results = send_datasets(
-                paths, destination, calling_ae=self.calling_ae, timeout_s=self.timeout_s
+                paths,
+                destination,
+                calling_ae=self.calling_ae,
+                timeout_s=self.timeout_s,
+                tls=self.tls,
             )
         elapsed = time.perf_counter() - t0
         if len(results) != len(rows):  # the sender's contract is one result per item
@@ -281,6 +291,9 @@ class OutboxSender:
                 )
                 .values(**values)
             )
+        self.metrics.send_result(
+            row.destination, result.ok, final=values.get("state") == OutboundState.FAILED
+        )
         log.log(
             level,
             event,
@@ -319,6 +332,7 @@ class OutboxSender:
                     continue
                 send_s = (as_utc(last) - as_utc(job.finished_at)).total_seconds()
                 job.timings = {**job.timings, "send": round(send_s, 4)}
+            self.metrics.observe_stage("send", send_s)
 
     def run(self, stop: threading.Event, poll_s: float) -> None:
         """Loop until ``stop`` is set; errors are logged and the loop goes on."""

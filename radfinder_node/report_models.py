@@ -96,12 +96,12 @@ class Report(Base):
     )
 
     def describe(self) -> dict[str, Any]:
-        """Log fields that identify the report without its text (no PHI in logs)."""
+        """Log fields that identify the report without PHI: no text, no patient or accession
+        number (PS3.15 counts those as identifying); ``report_id`` leads to them in the database."""
         return {
             "report_id": self.id,
             "sending_facility": self.sending_facility,
             "control_id": self.control_id,
-            "accession_number": self.accession_number,
             "study_uid": self.study_uid,
             "state": self.state.value,
         }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 import weakref
@@ -37,13 +38,14 @@ from radfinder_node.jobs import (
     ClaimedJob,
     OutputUIDs,
     claim_job,
+    locate_bundle,
     mark_done,
     mark_failed,
     mark_retry,
     publish,
-    read_bundle_ref,
     worker_name,
 )
+from radfinder_node.metrics import NodeMetrics, process_metrics
 from radfinder_node.models import Instance
 from radfinder_node.outbox import Written, add_outbound, write_result
 
@@ -53,6 +55,9 @@ SR_SERIES_NUMBER = 9901
 KOS_SERIES_NUMBER = 9902
 # Errors a second attempt would repeat: bad series, bad bundle, findings that do not fit.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (VolumeError, ValueError, LookupError)
+# Test hook, not a setting (tests/test_netns_workers.py): every job waits this many seconds
+# once claimed, so a test can kill its worker mid-job. Unset everywhere else.
+HOLD_ENV = "RADFINDER_TEST_JOB_HOLD_S"
 
 
 class BundleMismatchError(ValueError):
@@ -100,6 +105,8 @@ class WorkerContext:
         self.app: Celery | None = None
         # Called after a job commits its outbox rows (the embedding node wakes its sender).
         self.on_done: Callable[[], None] | None = None
+        # Stage times and outcomes; the embedding node lends its own registry.
+        self.metrics: NodeMetrics = process_metrics()
 
     @property
     def db(self) -> Database:
@@ -110,6 +117,11 @@ class WorkerContext:
 
     def run_job(self, job_id: int, worker: str | None = None) -> JobOutcome:
         """Run one job to its end state; safe to call for any job id, any number of times."""
+        outcome = self._run_job(job_id, worker)
+        self.metrics.job_finished(outcome.state, outcome.timings)
+        return outcome
+
+    def _run_job(self, job_id: int, worker: str | None) -> JobOutcome:
         s = self.settings
         worker = worker or worker_name("direct")
         job = claim_job(self.db, job_id, worker, stale_after_s=s.job_timeout_s)
@@ -160,17 +172,25 @@ class WorkerContext:
         from radfinder_node.findings import findings_from_prediction, findings_summary
 
         s = self.settings
+        hold_s = float(os.environ.get(HOLD_ENV) or 0)
+        if hold_s > 0:
+            with stages("hold"):
+                time.sleep(hold_s)
         with stages("engine"):
             engine = engine_cache.get_engine(s.bundle_path, s.engine_runtime, s.engine_device)
         if BundleRef(engine.bundle.name, engine.bundle.version) != job.bundle:
-            # A bundle replaced in place since this process loaded it: load it again if it is
-            # now the one the job asks for.
+            # Upgraded since this process loaded it (in place or by a switched symlink), or a
+            # job queued before the upgrade: load the version the job asks for, wherever it is
+            # installed, in the cached engine's place (between jobs, no restart).
             with stages("engine"):
-                if read_bundle_ref(s.bundle_path) == job.bundle:
+                source = locate_bundle(s.bundle_path, job.bundle)
+                if source is not None:
                     engine = engine_cache.get_engine(
-                        s.bundle_path, s.engine_runtime, s.engine_device, reload=True
+                        s.bundle_path, s.engine_runtime, s.engine_device,
+                        reload=True, source=source,
                     )
         bundle = engine.bundle
+        self.metrics.set_engine(**engine.describe(), loaded=True)
         if BundleRef(bundle.name, bundle.version) != job.bundle:
             raise BundleMismatchError(
                 f"job wants {job.bundle.name} {job.bundle.version}, this worker serves "

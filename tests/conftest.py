@@ -54,6 +54,7 @@ def node_settings(**overrides: object) -> Settings:
         "quiet_period_s": 0.5,
         "completion_poll_s": 0.1,
         "hl7_port": 0,  # any free port: tests never collide on 2575
+        "http_port": 0,  # likewise for the HTTP server's 8080
         "log_json": False,
     }
     values.update(overrides)
