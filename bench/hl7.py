@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ports import free_port, wait_port  # noqa: E402
 from reports.hl7_writer import oru_r01  # noqa: E402
 from reports.mllp import frame  # noqa: E402
 
@@ -50,22 +51,6 @@ Degenerative changes of the thoracic spine.
 Impression:
 9 mm right upper lobe nodule; follow-up CT in 3 to 6 months is recommended.
 Mild emphysema."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def messages(n: int, run: str) -> list[bytes]:
@@ -113,7 +98,7 @@ async def _floor_main(port: int) -> None:
 
 def start_floor(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)])
-    wait_port(port)
+    wait_port(port, 60)
     return proc
 
 
@@ -143,7 +128,7 @@ def start_node(workdir: Path, port: int, database_url: str | None) -> subprocess
         cwd=ROOT,
         stderr=(workdir.parent / f"{workdir.name}.log").open("ab"),
     )
-    wait_port(port)
+    wait_port(port, 60)
     return proc
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from engines.data.reports import REPORT_LABELS, Report, write_report  # noqa: E402
+from engines.data.reports import Report  # noqa: E402
 from engines.model.text import strip_citations  # noqa: E402
 from reports.labelled_refs import (  # noqa: E402
     LabelledText,
@@ -40,42 +39,14 @@ from reports.labelled_refs import (  # noqa: E402
     score,
 )
 from reports.mining import find_citations, find_references  # noqa: E402
-from standins import StandInFinding  # noqa: E402
+from standins import random_report  # noqa: E402
 
 LABELLED = ROOT / "tests" / "data" / "mining_labelled.jsonl"
 LOBES = ("RUL", "RML", "RLL", "LUL", "LLL", "upper", "lower", None)
 
 
 def synthetic_report(seed: int) -> Report:
-    """A generated report: 1-6 findings anywhere in a 60-480 slice series, English or German,
-    series numbered 2..301, slices numbered from the bottom or the top."""
-    rng = random.Random(seed)
-    n = rng.choice((60, 120, 300, 480))
-    findings = []
-    for _ in range(rng.randint(1, 6)):
-        i = rng.randrange(len(REPORT_LABELS))
-        first = rng.randrange(n)
-        last = min(n - 1, first + rng.choice((0, 2, 5, 20)))
-        findings.append(
-            StandInFinding(
-                label=REPORT_LABELS[i],
-                label_index=i,
-                side=rng.choice(("left", "right", "bilateral", None)),
-                lobe=rng.choice(LOBES),
-                size_mm=rng.choice((0.0, 2.5, 6.0, 14.0, 23.0)),
-                center_voxel=(rng.randint(first, last), 5, 5),
-                z_extent=(first, last),
-            )
-        )
-    from_top = rng.random() < 0.5
-    return write_report(
-        findings,
-        seed=seed,
-        n_slices=n,
-        series_number=rng.choice((2, 3, 4, 201, 301)),
-        instance_number_of_z=(lambda z: n - z) if from_top else None,
-        language=rng.choice(("en", "de")),
-    )
+    return random_report(seed, LOBES)
 
 
 def synthetic_set(count: int, seed: int = 0) -> list[LabelledText]:

@@ -82,6 +82,8 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ports import free_port, wait_port  # noqa: E402
+
 if TYPE_CHECKING:
     from radfinder_node.database import Database
 
@@ -116,24 +118,6 @@ class SoakConfig:
 
 
 # --- small helpers -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the process meant to listen on {port} exited")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def new_uid(key: str, old: str) -> str:

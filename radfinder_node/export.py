@@ -57,7 +57,7 @@ from typing import Any, Final
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import DateTime, Enum, ForeignKey, String, Text, exists, func, select
+from sqlalchemy import DateTime, Enum, ForeignKey, String, Text, exists, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from dicom_io.geometry import VolumeError
@@ -74,9 +74,9 @@ from radfinder_node.deid import (
     load_secret,
     scrub_text,
 )
-from radfinder_node.models import Base, Instance, Series
+from radfinder_node.models import Base, Instance
 from radfinder_node.report_models import PairState, Report, ReportState, SnippetSlicePair
-from radfinder_node.resolve import SeriesRow, primary_series
+from radfinder_node.resolve import SeriesRow, primary_series, series_rows
 from radfinder_node.timeutil import as_utc, utcnow
 from reports.hl7_parse import HL7Error, parse_message
 from reports.manifest_writer import ManifestEntry, SnippetEntry, manifest_text
@@ -210,29 +210,6 @@ def _pending(session: Session, destination: str, since: datetime | None) -> list
     return [int(i) for i in session.scalars(query.order_by(Report.mined_at, Report.id))]
 
 
-def _series_rows(session: Session, study_id: int) -> list[SeriesRow]:
-    counts = (
-        select(Instance.series_id, func.count(Instance.id).label("n"))
-        .join(Series, Series.id == Instance.series_id)
-        .where(Series.study_id == study_id)
-        .group_by(Instance.series_id)
-        .subquery()
-    )
-    rows = session.execute(
-        select(
-            Series.id,
-            Series.series_uid,
-            Series.series_number,
-            Series.state,
-            Series.attributes,
-            func.coalesce(counts.c.n, 0),
-        )
-        .outerjoin(counts, counts.c.series_id == Series.id)
-        .where(Series.study_id == study_id)
-    ).all()
-    return [SeriesRow(r[0], r[1], r[2], r[3], r[4] or {}, int(r[5])) for r in rows]
-
-
 def _read_report(session: Session, report_id: int) -> _ReportData | None:
     report = session.get(Report, report_id)
     if report is None or report.study_id is None or report.mined_at is None:
@@ -247,7 +224,7 @@ def _read_report(session: Session, report_id: int) -> _ReportData | None:
         )
         .order_by(SnippetSlicePair.start)
     ).all()
-    series = primary_series(_series_rows(session, report.study_id))
+    series = primary_series(series_rows(session, report.study_id))
     paths: Sequence[str] = ()
     if series is not None:
         paths = session.scalars(

@@ -97,9 +97,12 @@ def primary_series(rows: Sequence[SeriesRow]) -> SeriesRow | None:
     return min(axial, key=rank) if axial else None
 
 
-def _series_rows(session: Session, study_id: int) -> list[SeriesRow]:
+def series_rows(session: Session, study_id: int) -> list[SeriesRow]:
+    """The study's series with their instance counts, the input of :func:`primary_series`."""
     counts = (
         select(Instance.series_id, func.count(Instance.id).label("n"))
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study_id)
         .group_by(Instance.series_id)
         .subquery()
     )
@@ -238,7 +241,7 @@ def resolve_references(
     """One Resolution per reference, in order; reads only, never writes."""
     if not refs:
         return []
-    resolver = _Resolver(_series_rows(session, study_id), Path(spool_dir))
+    resolver = _Resolver(series_rows(session, study_id), Path(spool_dir))
     wanted: set[int] = set()
     for ref in refs:
         found = resolver.candidates(ref)

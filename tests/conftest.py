@@ -6,8 +6,9 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,36 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on the loopback port: a server's readiness probe."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_serve(
+    data_dir: Path,
+    *args: str,
+    env: Mapping[str, str],
+    ready: Callable[[], bool],
+    log: str = "node.log",
+    timeout: float = 60,
+) -> subprocess.Popen[bytes]:
+    """`radfinder-node serve` in a process of its own, as a site runs it (so kill -9 is real).
+
+    Returns once ``ready`` holds; otherwise fails with the node's stderr, kept in ``log``
+    beside ``data_dir``, as the message, since that is where a node that did not come up says why.
+    """
+    log_path = data_dir.parent / log
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radfinder_node.cli", "serve", "--data-dir", str(data_dir), *args],
+        env={**os.environ, "RADFINDER_HOST": "127.0.0.1", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("ab"),
+    )
+    assert wait_for(ready, timeout=timeout, interval=0.2), log_path.read_text()
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from conftest import free_port, small_phantom, wait_for
+from conftest import free_port, small_phantom, start_serve, wait_for
 from radfinder_node.database import Database
 from radfinder_node.models import Instance, Series, SeriesState
 
@@ -24,30 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
-        "RADFINDER_HOST": "127.0.0.1",
         "RADFINDER_QUIET_PERIOD_S": "1",
         "RADFINDER_COMPLETION_POLL_S": "0.2",
         "RADFINDER_HL7_PORT": "0",  # free ports: parallel nodes must not fight over 2575/8080
         "RADFINDER_HTTP_PORT": "0",
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "radfinder_node.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--ae-title",
-            "RADFINDER",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(data_dir.parent / "node.log").open("ab"),
-    )
     ae = AE()
     ae.add_requested_context(Verification)
 
@@ -58,8 +38,8 @@ def start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
             assoc.release()
         return bool(ok)
 
-    assert wait_for(answers, timeout=30, interval=0.2), (data_dir.parent / "node.log").read_text()
-    return proc
+    args = ("--port", str(port), "--ae-title", "RADFINDER")
+    return start_serve(data_dir, *args, env=env, ready=answers, timeout=30)
 
 
 def test_kill9_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) -> None:

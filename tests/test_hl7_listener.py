@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
-from conftest import REAL, free_port, small_phantom, storescu, wait_for
+from conftest import REAL, free_port, port_open, small_phantom, start_serve, storescu, wait_for
 from radfinder_node.database import Database
 from radfinder_node.models import QuarantinedObject
 from radfinder_node.node import Node
@@ -333,38 +332,13 @@ def test_migration_matches_the_models(db_url: str) -> None:
 
 def start_node(data_dir: Path, hl7_port: int, db_url: str) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
-        "RADFINDER_HOST": "127.0.0.1",
         "RADFINDER_DATABASE_URL": db_url,
         "RADFINDER_EMBEDDED_WORKER": "false",
         "RADFINDER_LOG_JSON": "true",
         "RADFINDER_HTTP_PORT": "0",
     }
-    log = (data_dir.parent / "node.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "radfinder_node.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(free_port()),
-            "--hl7-port",
-            str(hl7_port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-
-    def accepting() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", hl7_port)) == 0
-
-    assert wait_for(accepting, timeout=60, interval=0.2), (data_dir.parent / "node.log").read_text()
-    return proc
+    args = ("--port", str(free_port()), "--hl7-port", str(hl7_port))
+    return start_serve(data_dir, *args, env=env, ready=lambda: port_open(hl7_port))
 
 
 @pytest.mark.slow

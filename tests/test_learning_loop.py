@@ -12,9 +12,7 @@ exported snippet points at exactly that slice.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 from sqlalchemy import select
 from test_hl7_listener import MllpClient, msa
 
-from conftest import free_port, storescu, wait_for
+from conftest import free_port, port_open, start_serve, storescu, wait_for
 from radfinder_node.database import Database
 from radfinder_node.deid import Pseudonymizer, load_secret
 from radfinder_node.report_models import Report
@@ -36,46 +34,19 @@ SPACING = (3.0, 5.0, 5.0)
 SEED = 4
 
 
-def start_serve(data_dir: Path, port: int, hl7_port: int) -> subprocess.Popen[bytes]:
+def start_node(data_dir: Path, port: int, hl7_port: int) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
-        "RADFINDER_HOST": "127.0.0.1",
         "RADFINDER_EMBEDDED_WORKER": "false",  # no inference: this test is about reports
         "RADFINDER_QUIET_PERIOD_S": "0.5",
         "RADFINDER_COMPLETION_POLL_S": "0.1",
         "RADFINDER_HTTP_ENABLED": "false",
     }
-    log = (data_dir.parent / "serve.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "radfinder_node.cli",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--hl7-port",
-            str(hl7_port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    args = ("--port", str(port), "--hl7-port", str(hl7_port))
 
-    def listening() -> bool:
-        return _connects(port) and _connects(hl7_port)
+    def ready() -> bool:
+        return port_open(port) and port_open(hl7_port)
 
-    assert wait_for(listening, timeout=60, interval=0.2), (
-        data_dir.parent / "serve.log"
-    ).read_text()
-    return proc
-
-
-def _connects(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    return start_serve(data_dir, *args, env=env, ready=ready, log="serve.log")
 
 
 @pytest.mark.slow
@@ -88,7 +59,7 @@ def test_study_and_report_in_training_data_out(tmp_path: Path, tower: Any) -> No
 
     data_dir = tmp_path / "node"
     port, hl7_port = free_port(), free_port()
-    proc = start_serve(data_dir, port, hl7_port)
+    proc = start_node(data_dir, port, hl7_port)
     try:
         sent = storescu(port, tmp_path / "studies" / "study_0000" / "dicom")
         assert sent.returncode == 0, sent.stderr

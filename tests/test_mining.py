@@ -8,7 +8,6 @@ asserted on the whole set against the issue's targets (0.97 / 0.95).
 from __future__ import annotations
 
 import json
-import random
 import re
 import subprocess
 import sys
@@ -16,50 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from engines.data.reports import REPORT_LABELS, Report, write_report
 from engines.model.text import strip_citations
 from reports.labelled_refs import LabelledText, from_generated, load_labelled, score
 from reports.mining import Citation, ImageReference, find_citations, find_references
 from reports.sentences import clauses, sentences
-from standins import StandInFinding
+from standins import random_report
 
 LABELLED = Path(__file__).parent / "data" / "mining_labelled.jsonl"
 CLI = Path(sys.executable).with_name("radfinder-node")
+LOBES = ("RUL", "RML", "LLL", "upper", "lower", None)
 
 
-def generated(seed: int) -> Report:
-    """A report with 1-6 findings in a 60-480 slice series, English or German, series numbers
-    2..301, slices numbered from the bottom or the top."""
-    rng = random.Random(seed)
-    n = rng.choice((60, 120, 300, 480))
-    findings = []
-    for _ in range(rng.randint(1, 6)):
-        i = rng.randrange(len(REPORT_LABELS))
-        first = rng.randrange(n)
-        last = min(n - 1, first + rng.choice((0, 2, 5, 20)))
-        findings.append(
-            StandInFinding(
-                REPORT_LABELS[i],
-                i,
-                rng.choice(("left", "right", "bilateral", None)),
-                rng.choice(("RUL", "RML", "LLL", "upper", "lower", None)),
-                rng.choice((0.0, 2.5, 6.0, 14.0, 23.0)),
-                (rng.randint(first, last), 5, 5),
-                (first, last),
-            )
-        )
-    top = rng.random() < 0.5
-    return write_report(
-        findings,
-        seed=seed,
-        n_slices=n,
-        series_number=rng.choice((2, 3, 4, 201, 301)),
-        instance_number_of_z=(lambda z: n - z) if top else None,
-        language=rng.choice(("en", "de")),
-    )
-
-
-REPORTS = [generated(seed) for seed in range(300)]
+REPORTS = [
+    random_report(seed, ("RUL", "RML", "LLL", "upper", "lower", None)) for seed in range(300)
+]
 
 
 def hand_set() -> list[LabelledText]:
