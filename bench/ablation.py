@@ -15,6 +15,7 @@ On a GPU the variants train side by side on one device (``--parallel``); on this
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -72,11 +73,18 @@ def synthesize(root: Path, counts: dict[str, int], workers: int) -> dict[str, Pa
 def train_one(variant: str, data: Path, out: Path, args: argparse.Namespace) -> None:
     import torch
 
+    from engines.presets import get_preset
     from engines.training import train
 
     torch.set_num_threads(max(1, args.threads))
+    name, _, bias = variant.partition(":bias=")
+    preset = get_preset("tiny")
+    if bias:  # a variant of the SigLIP bias init, e.g. "full:bias=-2.7" (-log(B-1) at B=16)
+        preset = dataclasses.replace(
+            preset, loss=dataclasses.replace(preset.loss, init_logit_bias=float(bias))
+        )
     train(
-        "tiny",
+        preset,
         data,
         out,
         steps=args.steps,
@@ -84,9 +92,9 @@ def train_one(variant: str, data: Path, out: Path, args: argparse.Namespace) -> 
         seed=args.seed,
         workers=args.workers,
         device=args.device,
-        ablation=None if variant == "full" else variant,
+        ablation=None if name == "full" else name,
         progress=False,
-        log_every=50,
+        log_every=args.log_every,
         checkpoint_every=max(args.steps, 1),
     )
 
@@ -131,7 +139,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     ap.add_argument("--synth-workers", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1, help="variants trained at once")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help="also NAME:bias=X for the SigLIP bias init"
+    )
+    ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--bundle", type=Path, help="export the full model's bundle here")
     ap.add_argument("--train-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,14 +184,15 @@ def main() -> int:
         if v in failed:
             continue
         kw: dict[str, Any] = {}
-        if v == "full" and "no-localization" in variants and "no-localization" not in failed:
+        baseline = "no-localization" in variants and "no-localization" not in failed
+        if v.startswith("full") and baseline:
             kw["no_localization"] = args.out / "no-localization"
         t = time.perf_counter()
         res = evaluate_one(args.out / v, data["test"], args.out / f"eval-{v}", args, **kw)
         results[v] = json.loads((Path(res.out_dir) / "metrics.json").read_text())
         log(f"evaluated {v} in {time.perf_counter() - t:.0f} s")
         (args.out / "ablation.md").write_text(table(results))  # partial, in case of a kill
-    if args.bundle and "full" in results:
+    if args.bundle and "full" in results and "full" not in failed:
         from engines.bundle import export_bundle
 
         export_bundle(args.out / "full", args.bundle, validation_data=data["valid"],
