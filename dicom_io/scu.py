@@ -9,6 +9,14 @@ One association per batch (an SR and a KOS, or a series), proposing exactly the 
 transfer syntaxes the batch needs; uncompressed objects also offer the other uncompressed syntax
 so that a peer accepting only Implicit VR still gets them. We advertise an unlimited maximum PDU
 (``max_pdu=0``), and pynetdicom then fragments to the largest PDU the peer announced.
+
+Two timeouts, because they answer different questions. ``timeout_s`` bounds connecting,
+association negotiation and a socket read or write that stalls: a dead or unreachable peer is
+found within it, and nothing has reached the peer's storage. ``dimse_timeout_s`` bounds the wait
+for a C-STORE response once the request has gone out; a PACS writing to a busy disk can take
+minutes, so it is generous. When it runs out (or the association ends while a response is
+awaited) the object may well be stored: that result is *ambiguous* (``SendResult.ambiguous``),
+the association is aborted (PS3.7 9.1.1.2) and an outbox that retries delivers at least once.
 """
 
 from __future__ import annotations
@@ -84,12 +92,18 @@ class Destination:
 class SendResult:
     """What happened to one object. ``status`` is the peer's C-STORE status, None if none came.
 
-    ``sop_instance_uid`` is empty only for an item that could not even be read.
+    ``sop_instance_uid`` is empty only for an item that could not even be read. ``ambiguous``:
+    the request went out but no valid response came back, so the peer may have stored the object
+    (a resend can give it a second copy of the same instance). ``attempted`` is False for an
+    object not started because the batch's ``deadline`` had passed: nothing was sent, so it is
+    not a failed try.
     """
 
     sop_instance_uid: str
     status: int | None
     error: str | None
+    ambiguous: bool = False
+    attempted: bool = True
 
     @property
     def ok(self) -> bool:
@@ -191,17 +205,25 @@ def send_datasets(
     *,
     calling_ae: str = "RADFINDER",
     timeout_s: float = 30,
+    dimse_timeout_s: float = 120,
     tls: ssl.SSLContext | None = None,
+    deadline: float | None = None,
 ) -> list[SendResult]:
     """C-STORE every item to ``destination`` over one association; one result per item, in order.
 
     ``Dataset`` items need ``file_meta.TransferSyntaxUID`` (as a written or read object has);
     ``Path`` items are Part 10 files. Never raises for a network or peer failure. A TLS
     destination uses ``tls`` (see :func:`dicom_io.tls.client_context`), else the system's CAs.
+    ``timeout_s`` bounds connect, negotiation and stalled socket I/O; ``dimse_timeout_s`` the
+    wait for each response (see the module docstring). No C-STORE starts after ``deadline``
+    (a :func:`time.monotonic` value): a caller holding a lease on the objects passes the last
+    moment at which a send can still finish inside it; the rest come back ``attempted=False``.
     """
     _check_ae_title(calling_ae, "calling AE title")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if dimse_timeout_s <= 0:
+        raise ValueError(f"dimse_timeout_s must be positive, got {dimse_timeout_s}")
     described = [_describe(i, it) for i, it in enumerate(items)]
     results: list[SendResult | None] = [d if isinstance(d, SendResult) else None for d in described]
     todo = [(i, d) for i, d in enumerate(described) if isinstance(d, _Item)]
@@ -210,9 +232,9 @@ def send_datasets(
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
+    ae.network_timeout = timeout_s  # the socket's timeout: a read or write that stalls
     ae.connection_timeout = timeout_s
+    ae.dimse_timeout = dimse_timeout_s  # the peer may be writing to a slow disk meanwhile
     ae.maximum_pdu_size = 0
     for sop_class, syntaxes in _contexts([d for _, d in todo]):
         ae.add_requested_context(sop_class, syntaxes)
@@ -251,7 +273,15 @@ def send_datasets(
 
     try:
         for i, d in todo:
-            results[i] = _store_one(assoc, d, destination)
+            if deadline is not None and time.monotonic() > deadline:
+                results[i] = SendResult(
+                    d.sop_instance,
+                    None,
+                    "not sent: the batch ran out of time before this object",
+                    attempted=False,
+                )
+                continue
+            results[i] = _store_one(assoc, d, destination, dimse_timeout_s)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -263,6 +293,7 @@ def send_datasets(
                 "destination": str(destination),
                 "objects": len(todo),
                 "ok": sum(r.ok for r in done),
+                "ambiguous": sum(r.ambiguous for r in done),
                 "seconds": round(time.monotonic() - started, 4),
             }
         },
@@ -277,11 +308,14 @@ def _collected(results: Sequence[SendResult | None]) -> list[SendResult]:
     return done
 
 
-def _store_one(assoc: Any, item: _Item, destination: Destination) -> SendResult:
+def _store_one(
+    assoc: Any, item: _Item, destination: Destination, dimse_timeout_s: float
+) -> SendResult:
     if not assoc.is_established:
         return SendResult(
             item.sop_instance, None, f"association with {destination} ended before this object"
         )
+    started = time.monotonic()
     try:
         rsp = assoc.send_c_store(item.payload)
     except ValueError as exc:  # no accepted context for this SOP class / syntax
@@ -290,15 +324,24 @@ def _store_one(assoc: Any, item: _Item, destination: Destination) -> SendResult:
         return SendResult(item.sop_instance, None, f"not sent: {type(exc).__name__}: {exc}")
     status = rsp.get("Status") if rsp is not None else None
     if status is None:
-        # Aborted by the peer, DIMSE timeout or an invalid response: the protocol state is
-        # unknown, so end the association (PS3.7 9.1.1.2) and let the outbox retry the rest.
+        # The request went out and no valid response came back: the peer may have stored the
+        # object, and the protocol state is unknown, so end the association (PS3.7 9.1.1.2;
+        # pynetdicom already aborted it on a DIMSE timeout) and let the outbox decide.
         if assoc.is_established:
             assoc.abort()
+        waited = time.monotonic() - started
+        if waited >= dimse_timeout_s:  # an abort or a bad response would have ended it sooner
+            why = f"no C-STORE response from {destination} within {dimse_timeout_s:g} s"
+        else:
+            why = (
+                f"no C-STORE response from {destination}: association aborted by the peer, "
+                "connection closed or invalid response"
+            )
         return SendResult(
             item.sop_instance,
             None,
-            f"no C-STORE response from {destination}: aborted by the peer, timed out "
-            "or invalid; association ended",
+            f"{why}; the peer may have stored it; association ended",
+            ambiguous=True,
         )
     code = int(status)
     if code_to_category(code) in ("Success", "Warning"):

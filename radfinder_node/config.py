@@ -125,7 +125,15 @@ class Settings(BaseSettings):
     destinations: list[str] = Field(
         default_factory=list, description="where results are sent, each AE@HOST:PORT"
     )
-    send_timeout_s: float = Field(30.0, gt=0, description="C-STORE association/DIMSE timeout")
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="C-STORE connect, association and stalled-socket timeout"
+    )
+    send_dimse_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="wait for each C-STORE response once the object is sent; past it the send "
+        "is ambiguous (the peer may have stored it) and is retried",
+    )
     send_max_attempts: int = Field(8, ge=1, description="sends tried before an object fails")
     send_backoff_s: float = Field(5.0, gt=0, description="first retry delay; doubles each try")
     send_backoff_max_s: float = Field(600.0, gt=0, description="longest retry delay")

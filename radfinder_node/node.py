@@ -94,6 +94,7 @@ class Node:
             settings.results_dir,
             calling_ae=settings.ae_title,
             timeout_s=settings.send_timeout_s,
+            dimse_timeout_s=settings.send_dimse_timeout_s,
             policy=RetryPolicy(
                 settings.send_max_attempts, settings.send_backoff_s, settings.send_backoff_max_s
             ),

@@ -11,7 +11,21 @@ so the PACS still holds one copy.
 Retries back off exponentially (``base * 2**(attempt-1)``, capped), so a PACS that is down for
 maintenance is not hammered, and a row gives up (``failed``, visible in status) after
 ``max_attempts``. A sender leases a row while it sends it, so several node processes sharing one
-database never send the same row at the same time.
+database never send the same row at the same time: the lease covers connecting plus the longest
+wait for a response, and no C-STORE starts that could outlast it (such rows are handed back
+untried, not counted as an attempt).
+
+Delivery contract: at least once. A send is *ambiguous* when the request went out and no
+response came: the DIMSE wait (``send_dimse_timeout_s``, generous because a PACS may be writing
+to a slow disk) ran out, or the association ended first. The peer may hold the object, but the
+node cannot know, so the row is retried and its error and the log say "the peer may have stored
+it", which tells an operator this from a refused or unreachable send. A resend of a row (after
+an ambiguous try or a crash before the commit) reads the same file again: same SOP Instance UID,
+identical bytes. A PACS that de-duplicates by SOP Instance UID keeps one copy, one that files
+every reception keeps two identical ones. (A job run again on purpose rewrites its objects
+under the same UIDs; that is a new version, not a resend.)
+Connecting and negotiating have their own short timeout (``send_timeout_s``), so a dead peer is
+found quickly and is never ambiguous.
 """
 
 from __future__ import annotations
@@ -155,6 +169,8 @@ class SendReport:
     sent: int = 0
     retrying: int = 0
     failed: int = 0
+    deferred: int = 0  # not started before the lease's deadline; due again at once
+    ambiguous: int = 0  # of retrying + failed: no response, the peer may have it
 
 
 @dataclass(frozen=True)
@@ -178,8 +194,10 @@ class OutboxSender:
         calling_ae: str,
         timeout_s: float,
         policy: RetryPolicy,
+        dimse_timeout_s: float = 120.0,
         metrics: NodeMetrics | None = None,
         tls: ssl.SSLContext | None = None,
+        lease_s: float | None = None,
     ) -> None:
         self.db = db
         self.tls = tls  # for destinations marked +tls
@@ -187,9 +205,22 @@ class OutboxSender:
         self.results_dir = results_dir
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
+        self.dimse_timeout_s = dimse_timeout_s
         self.policy = policy
-        # Long enough to cover one association's worth of sends, then the row is free again.
-        self.lease = timedelta(seconds=max(60.0, 4 * timeout_s))
+        # The longest one object can take once its C-STORE starts: the request's writes (each
+        # bounded by the network timeout) and then the wait for the response.
+        self.per_object_s = dimse_timeout_s + timeout_s
+        # Connect and negotiate (2 x timeout_s), then room for two objects at their worst; a
+        # crashed sender's rows are free again after this long. No C-STORE starts later than
+        # ``lease - per_object_s`` after the claim (see _send), so the lease always holds.
+        default_lease = max(60.0, 4 * timeout_s, 2 * timeout_s + 2 * self.per_object_s)
+        lease = default_lease if lease_s is None else lease_s
+        if lease <= 2 * timeout_s + self.per_object_s:  # else a batch might never start
+            raise ValueError(
+                f"lease_s ({lease:g}) must exceed connecting plus one object's longest send "
+                f"({2 * timeout_s + self.per_object_s:g} s)"
+            )
+        self.lease = timedelta(seconds=lease)
         self._wake = threading.Event()
 
     def wake(self) -> None:
@@ -229,15 +260,18 @@ class OutboxSender:
 
     def tick(self, now: datetime | None = None) -> SendReport:
         now = now or utcnow()
+        # The lease runs from ``now``; measured on the monotonic clock from before the claim,
+        # the last moment a C-STORE may start and still end inside it.
+        deadline = time.monotonic() + self.lease.total_seconds() - self.per_object_s
         report = SendReport()
         by_destination: dict[str, list[_Claimed]] = defaultdict(list)
         for row in self._claim(now):
             by_destination[row.destination].append(row)
         for dest, rows in by_destination.items():
-            self._send(dest, rows, report)
+            self._send(dest, rows, report, deadline)
         return report
 
-    def _send(self, dest: str, rows: list[_Claimed], report: SendReport) -> None:
+    def _send(self, dest: str, rows: list[_Claimed], report: SendReport, deadline: float) -> None:
         t0 = time.perf_counter()
         try:
             destination = Destination.parse(dest)
@@ -250,7 +284,9 @@ class OutboxSender:
                 destination,
                 calling_ae=self.calling_ae,
                 timeout_s=self.timeout_s,
+                dimse_timeout_s=self.dimse_timeout_s,
                 tls=self.tls,
+                deadline=deadline,
             )
         elapsed = time.perf_counter() - t0
         if len(results) != len(rows):  # the sender's contract is one result per item
@@ -263,6 +299,18 @@ class OutboxSender:
         self, row: _Claimed, result: SendResult, elapsed: float, report: SendReport
     ) -> None:
         now = utcnow()
+        if not result.attempted:  # nothing went out: hand the row back, due at once
+            with self.db.transaction() as session:
+                session.execute(
+                    update(OutboundObject)
+                    .where(
+                        OutboundObject.id == row.id,
+                        OutboundObject.state == OutboundState.PENDING,
+                    )
+                    .values(lease_until=None)
+                )
+            report.deferred += 1
+            return
         attempts = row.attempts + 1
         values: dict[str, object] = {
             "attempts": attempts,
@@ -283,12 +331,12 @@ class OutboxSender:
             values.update(next_attempt_at=now + timedelta(seconds=delay))
             report.retrying += 1
             event, level = "send will be retried", logging.WARNING
+        if result.ambiguous:
+            report.ambiguous += 1
         with self.db.transaction() as session:
             session.execute(
                 update(OutboundObject)
-                .where(
-                    OutboundObject.id == row.id, OutboundObject.state == OutboundState.PENDING
-                )
+                .where(OutboundObject.id == row.id, OutboundObject.state == OutboundState.PENDING)
                 .values(**values)
             )
         self.metrics.send_result(
@@ -304,6 +352,8 @@ class OutboxSender:
                     "attempts": attempts,
                     "status": None if result.status is None else f"0x{result.status:04X}",
                     "error": result.error,
+                    # the peer may hold it: a later success can leave it two identical copies
+                    "ambiguous": result.ambiguous,
                 }
             },
         )
@@ -324,9 +374,7 @@ class OutboxSender:
                 if pending or job is None or job.state != JobState.DONE or not job.finished_at:
                     continue
                 last = session.scalar(
-                    select(func.max(OutboundObject.sent_at)).where(
-                        OutboundObject.job_id == job_id
-                    )
+                    select(func.max(OutboundObject.sent_at)).where(OutboundObject.job_id == job_id)
                 )
                 if last is None:
                     continue
@@ -342,7 +390,7 @@ class OutboxSender:
             except Exception:
                 log.exception("outbox pass failed")
                 report = SendReport()
-            if not (report.sent or report.retrying or report.failed):
+            if not (report.sent or report.retrying or report.failed or report.deferred):
                 self._wake.wait(poll_s)
                 self._wake.clear()
 

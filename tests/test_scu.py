@@ -204,7 +204,41 @@ def test_abort_mid_batch_fails_the_rest(storescp: StartSCP, tmp_path: Path) -> N
     assert time.monotonic() - started < 2  # the abort is seen at once, not after a timeout
     assert [r.ok for r in results] == [False, False, False]
     assert "no C-STORE response" in (results[0].error or "")
+    # storescp aborts after receiving the request: it may have stored it, the rest never left
+    assert results[0].ambiguous and "the peer may have stored it" in (results[0].error or "")
     assert all("ended before this object" in (r.error or "") for r in results[1:])
+    assert not any(r.ambiguous for r in results[1:])
+
+
+def test_no_store_starts_after_the_deadline(tmp_path: Path) -> None:
+    """Objects whose C-STORE would start after ``deadline`` come back untried, not failed."""
+    ct = make_ct(tmp_path)
+    answered: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        time.sleep(1.0)
+        answered.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None  # None only when blocking
+    try:
+        deadline = time.monotonic() + 0.6  # room to connect
+        results = send_datasets(
+            list(ct.paths[:3]), Destination("PACS", "127.0.0.1", port), deadline=deadline
+        )
+    finally:
+        server.shutdown()
+    assert results[0].ok and results[0].attempted  # started before the deadline
+    for r in results[1:]:
+        assert not r.ok and not r.attempted and not r.ambiguous and r.status is None
+        assert "ran out of time" in (r.error or "")
+    assert answered == [ct.sop_uids[0]]
 
 
 def test_destination_parse() -> None:
