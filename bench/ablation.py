@@ -6,8 +6,15 @@ test set from a seed never used in training), trains the full model and its abla
 steps and seeds, evaluates each on the held-out set by the CT-RATE protocol, exports the full
 model as a bundle, and writes ``ablation.md`` / ``ablation.json``.
 
+Variants are ``NAME[:key=value]...``: NAME is ``full`` or an ablation, the overrides change
+the tiny preset (``variant_preset``), so candidate configurations of the full model can train
+beside the ablations in the same run. Every ``full...`` variant is also scored on the
+validation split; the best one (macro AUC + T->I R@10 there) becomes the bundle.
+
 On a GPU the variants train side by side on one device (``--parallel``); on this project's
-2-core CPU machine train one variant at a time (each takes the tiny preset's hour).
+2-core CPU machine train one variant at a time (each takes the tiny preset's hour). With
+``--time-budget`` every run fits its cosine schedule to that many seconds (``train``'s
+``time_budget_s``), so a time-boxed device call still ends each schedule properly.
 
     python bench/ablation.py --root /data/synth --out runs/ablation --device cuda --parallel 4
 """
@@ -70,19 +77,54 @@ def synthesize(root: Path, counts: dict[str, int], workers: int) -> dict[str, Pa
     return out
 
 
+ALIASES = {
+    "bias": "loss.init_logit_bias",
+    "scale": "loss.init_logit_scale",
+    "lr": "optim.lr",
+    "wd": "optim.weight_decay",
+    "clip": "optim.clip_grad_norm",
+    "warmup": "optim.warmup_epochs",
+    "siglip_w": "loss.siglip_weight",
+    "prompt_w": "loss.prompt_weight",
+    "loc_w": "loss.localization_weight",
+    "neck": "model.feature_norm",
+}
+
+
+def variant_preset(variant: str) -> tuple[str, Any]:
+    """``NAME[:key=value]...`` -> (NAME, the tiny preset with those fields replaced). NAME is
+    ``full`` or an ablation; a key is ``section.field`` of the preset (``loss``, ``optim``,
+    ``model``, ``augment``) or one of ``ALIASES``, e.g. ``full:bias=-2.7:lr=3e-4``."""
+    import ast
+
+    from engines.presets import get_preset
+
+    name, *pairs = variant.split(":")
+    preset = get_preset("tiny")
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        section, _, field = ALIASES.get(key, key).partition(".")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        part = getattr(preset, section)
+        if not dataclasses.is_dataclass(part) or field not in {
+            f.name for f in dataclasses.fields(part)
+        }:
+            raise SystemExit(f"unknown override {key!r} in variant {variant!r}")
+        part = dataclasses.replace(part, **{field: value})
+        preset = dataclasses.replace(preset, **{section: part})
+    return name, preset
+
+
 def train_one(variant: str, data: Path, out: Path, args: argparse.Namespace) -> None:
     import torch
 
-    from engines.presets import get_preset
     from engines.training import train
 
     torch.set_num_threads(max(1, args.threads))
-    name, _, bias = variant.partition(":bias=")
-    preset = get_preset("tiny")
-    if bias:  # a variant of the SigLIP bias init, e.g. "full:bias=-2.7" (-log(B-1) at B=16)
-        preset = dataclasses.replace(
-            preset, loss=dataclasses.replace(preset.loss, init_logit_bias=float(bias))
-        )
+    name, preset = variant_preset(":".join([variant, *args.set]))
     train(
         preset,
         data,
@@ -93,19 +135,91 @@ def train_one(variant: str, data: Path, out: Path, args: argparse.Namespace) -> 
         workers=args.workers,
         device=args.device,
         ablation=None if name == "full" else name,
+        lr=preset.optim.lr,
+        volume_cache=args.volume_cache,
+        time_budget_s=args.time_budget,
         progress=False,
         log_every=args.log_every,
         checkpoint_every=max(args.steps, 1),
     )
 
 
-def evaluate_one(run: Path, test: Path, out: Path, args: argparse.Namespace, **kw: Any) -> Any:
+def eval_one(spec: str, args: argparse.Namespace) -> None:
+    """``VARIANT@SPLIT`` (``test`` or ``valid``): evaluate a trained variant, write its metrics
+    to ``eval-<split>-<variant>/metrics.json``."""
+    import torch
+
     from engines.evaluation import evaluate
 
-    return evaluate(
-        run, test, out, split="valid", device=args.device, workers=args.workers,
-        batch=16, progress=False, **kw,
+    torch.set_num_threads(max(1, args.threads))
+    variant, _, split = spec.rpartition("@")
+    kw: dict[str, Any] = {}
+    base = args.out / "no-localization"
+    if variant.startswith("full") and (base / "checkpoints" / "last.pt").exists():
+        kw["no_localization"] = base
+    evaluate(
+        args.out / variant, args.root / split, args.out / f"eval-{split}-{variant}",
+        split="valid", device=args.device, workers=args.workers, batch=16, progress=False,
+        bootstrap=args.bootstrap, **kw,
     )
+
+
+def prefill_cache(train_dir: Path, cache: Path, workers: int) -> None:
+    """Decode every training volume into the shared cache once, before the runs start (they
+    would otherwise all decode the same volumes in their first epoch)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from engines.manifest import read_ctrate
+
+    rows = list(read_ctrate(train_dir, "train"))
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(_cache_one, [(r, str(cache)) for r in rows], chunksize=16))
+
+
+def _cache_one(job: tuple[Any, str]) -> None:
+    from engines.datasets import DecodedVolumeCache
+
+    row, cache = job
+    DecodedVolumeCache(cache).get(row, None)
+
+
+def shared_text_features(train_dir: Path, path: Path, device: str) -> None:
+    """Embed the training texts once; every run starts from this cache (same frozen tower)."""
+    from engines.datasets import TextEncoder, open_dataset
+    from engines.model.radfinder import build_model
+    from engines.presets import get_preset
+
+    preset = get_preset("tiny")
+    model = build_model(preset).to(device)
+    text = TextEncoder(model, cache=True)
+    texts = open_dataset(train_dir, preset.space, split="train").texts()
+    text.warm(texts)
+    text.save(path)
+
+
+def run_parallel(cmds: dict[str, list[str]], parallel: int, logdir: Path) -> list[str]:
+    """Run the commands, ``parallel`` at a time; returns the names that failed."""
+    pending = list(cmds)
+    running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            name = pending.pop(0)
+            logf = (logdir / f"{name.replace('@', '-')}.log").open("wb")
+            running[name] = (
+                subprocess.Popen(cmds[name], stdout=logf, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}),
+                time.perf_counter(),
+            )
+            log(f"started {name}")
+        time.sleep(1)
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                log(f"{name}: exit {proc.returncode} after {time.perf_counter() - started:.0f} s")
+                if proc.returncode:
+                    failed.append(name)
+    return failed
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -124,6 +238,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _metrics(out: Path, split: str, variant: str) -> dict[str, Any] | None:
+    path = out / f"eval-{split}-{variant}" / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="synthetic data folder")
@@ -140,16 +259,27 @@ def main() -> int:
     ap.add_argument("--synth-workers", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1, help="variants trained at once")
     ap.add_argument(
-        "--variants", default=",".join(VARIANTS), help="also NAME:bias=X for the SigLIP bias init"
+        "--variants", default=",".join(VARIANTS), help="NAME[:key=value]... (variant_preset)"
     )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="an override applied to every variant (repeatable)",
+    )
+    ap.add_argument("--volume-cache", type=Path, help="decoded-volume cache shared by the runs")
+    ap.add_argument("--time-budget", type=float, help="seconds per run (fits the schedule)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--bundle", type=Path, help="export the full model's bundle here")
+    ap.add_argument("--bundle", type=Path, help="export the selected full model's bundle here")
     ap.add_argument("--train-one", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     variants = [v for v in args.variants.split(",") if v]
     if args.train_one:
         train_one(args.train_one, args.root / "train", args.out / args.train_one, args)
+        return 0
+    if args.eval_one:
+        eval_one(args.eval_one, args)
         return 0
 
     t0 = time.perf_counter()
@@ -158,55 +288,66 @@ def main() -> int:
         args.synth_workers,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    pending = list(variants)
-    running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
-    train_s: dict[str, float] = {}
-    failed: list[str] = []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            v = pending.pop(0)
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--train-one", v]
-            logf = (args.out / f"train-{v}.log").open("wb")
-            running[v] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}),
-                          time.perf_counter())
-            log(f"training {v}")
-        time.sleep(2)
-        for v, (proc, started) in list(running.items()):
-            if proc.poll() is not None:
-                del running[v]
-                train_s[v] = time.perf_counter() - started
-                log(f"{v}: exit {proc.returncode} after {train_s[v]:.0f} s")
-                if proc.returncode:
-                    failed.append(v)
-    results: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        if v in failed:
-            continue
-        kw: dict[str, Any] = {}
-        baseline = "no-localization" in variants and "no-localization" not in failed
-        if v.startswith("full") and baseline:
-            kw["no_localization"] = args.out / "no-localization"
+    stage: dict[str, float] = {"synthesize": time.perf_counter() - t0}
+    if args.volume_cache:
         t = time.perf_counter()
-        res = evaluate_one(args.out / v, data["test"], args.out / f"eval-{v}", args, **kw)
-        results[v] = json.loads((Path(res.out_dir) / "metrics.json").read_text())
-        log(f"evaluated {v} in {time.perf_counter() - t:.0f} s")
-        (args.out / "ablation.md").write_text(table(results))  # partial, in case of a kill
-    if args.bundle and "full" in results and "full" not in failed:
+        prefill_cache(data["train"], args.volume_cache, args.synth_workers)
+        stage["prefill_cache"] = time.perf_counter() - t
+        log(f"volume cache filled in {stage['prefill_cache']:.0f} s")
+    t = time.perf_counter()
+    shared = args.out / "text_features.pt"
+    shared_text_features(data["train"], shared, args.device)
+    stage["text_features"] = time.perf_counter() - t
+    log(f"text features in {stage['text_features']:.0f} s")
+    for v in variants:
+        (args.out / v).mkdir(parents=True, exist_ok=True)
+        (args.out / v / "text_features.pt").write_bytes(shared.read_bytes())
+
+    me = [sys.executable, __file__, *sys.argv[1:]]
+    t = time.perf_counter()
+    failed = run_parallel({v: [*me, "--train-one", v] for v in variants}, args.parallel, args.out)
+    stage["train"] = time.perf_counter() - t
+    trained = [v for v in variants if v not in failed]
+    fulls = [v for v in trained if v.startswith("full")]
+    t = time.perf_counter()
+    evals = {f"{v}@test": [*me, "--eval-one", f"{v}@test"] for v in trained}
+    evals |= {f"{v}@valid": [*me, "--eval-one", f"{v}@valid"] for v in fulls}
+    failed += run_parallel(evals, args.parallel, args.out)
+    stage["evaluate"] = time.perf_counter() - t
+
+    results = {v: m for v in trained if (m := _metrics(args.out, "test", v)) is not None}
+    validation = {v: m for v in fulls if (m := _metrics(args.out, "valid", v)) is not None}
+
+    def score(m: dict[str, Any]) -> float:
+        return float(m["auc_macro"]["value"]) + float(m["t2i_r10"]["value"])
+
+    selected = max(validation, key=lambda v: score(validation[v])) if validation else None
+    if args.bundle and selected is not None:
         from engines.bundle import export_bundle
 
-        export_bundle(args.out / "full", args.bundle, validation_data=data["valid"],
+        t = time.perf_counter()
+        export_bundle(args.out / selected, args.bundle, validation_data=data["valid"],
                       device="cpu", progress=False, overwrite=True)
-        log(f"bundle at {args.bundle}")
+        stage["bundle"] = time.perf_counter() - t
+        log(f"bundle of {selected} at {args.bundle}")
+    steps = {}
+    for v in trained:
+        info = json.loads((args.out / v / "run.json").read_text())
+        steps[v] = info.get("total_steps")
     summary = {
-        "steps": args.steps, "batch": args.batch, "device": args.device,
-        "n_train": args.n_train, "n_test": args.n_test, "train_seconds": train_s,
-        "failed": failed, "total_seconds": time.perf_counter() - t0, "metrics": results,
+        "steps": steps, "batch": args.batch, "device": args.device,
+        "time_budget_s": args.time_budget,
+        "n_train": args.n_train, "n_test": args.n_test, "stage_seconds": stage,
+        "failed": failed, "total_seconds": time.perf_counter() - t0, "selected": selected,
+        "validation_score": {v: score(m) for v, m in validation.items()},
+        "metrics": results, "validation_metrics": validation,
     }
     (args.out / "ablation.json").write_text(json.dumps(summary, indent=2))
     md = table(results)
     (args.out / "ablation.md").write_text(md)
     print(md)
+    print(json.dumps({k: summary[k] for k in ("steps", "stage_seconds", "selected",
+                                                "validation_score", "failed")}, indent=1))
     return 1 if failed else 0
 
 

@@ -294,7 +294,14 @@ def _interp_axis(
     ):
         # Same spacing on the voxel grid (data rendered in model space, integer shifts): every
         # weight is 1 or 0, so the interpolation is a gather; 3x less work on the hot path.
-        return torch.index_select(vol, axis, nearest.to(torch.int64).clamp(0, n - 1))
+        idx = nearest.to(torch.int64).clamp(0, n - 1)
+        first, last, count = int(idx[0]), int(idx[-1]), idx.numel()
+        if count > 1 and abs(last - first) == count - 1 and bool((idx.diff().abs() == 1).all()):
+            # A run of consecutive voxels (training crops and flips): a view, no copy; the
+            # caller's final assignment is the one copy.
+            view = vol.narrow(axis, min(first, last), count)
+            return view.flip(axis) if last < first else view
+        return torch.index_select(vol, axis, idx)
     width = max(float(scale) - 1.0, 0.0)
     lo = positions - width / 2 - 1.0  # first and last source index the kernel touches
     taps = math.ceil(width) + 3

@@ -158,6 +158,12 @@ class HeadConfig:
     bottleneck_dim: int = 256
     output_dim: int = 512
     layer_norm: bool = False
+    # Weight init of the MLP: "0.02" (the paper's trunc_normal(std=0.02)) or "fan_in"
+    # (std 1/sqrt(fan_in), variance preserving). 0.02 is about 1/sqrt(fan_in) for the paper's
+    # 1080- and 2048-wide layers; in a narrow head it shrinks the signal ~4x per layer, so
+    # after a few AdamW steps (which move every bias by ~lr regardless of its gradient) the
+    # biases outweigh the input-dependent part and every input maps to one embedding.
+    init: Literal["0.02", "fan_in"] = "0.02"
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,8 @@ class ModelConfig:
     # (the shared component of 512 averaged tokens dwarfs a finding in one cell), so the heads
     # saw one input and SigLIP settled on the constant solution. Centring across the batch
     # leaves the heads only what differs between volumes. In eval mode it is a fixed affine
-    # map (ONNX BatchNormalization), so serving is unchanged.
+    # map (ONNX BatchNormalization), so serving is unchanged. With gradient accumulation it
+    # normalises each micro-batch by its own statistics, so accumulation is then approximate.
     feature_norm: Literal["none", "batch"] = "none"
 
 
@@ -281,12 +288,18 @@ TINY: Final = Preset(
         # rest on 2 cores (measured, bench/RESULTS.md) for little gain on 2.5 mm pixels.
         backbone=CNNBackboneConfig(channels=(8, 16, 32, 64), stage_blocks=(0, 0, 1, 1)),
         combiner=CombinerConfig(embed_dim=96, depth=2, num_heads=4, layer_scale_init=0.0),
-        head=HeadConfig(hidden_dim=256, bottleneck_dim=64, output_dim=128),
-        text=TextConfig(max_length=128, freeze=True, cache_embeddings=True),
+        head=HeadConfig(hidden_dim=256, bottleneck_dim=64, output_dim=128, init="fan_in"),
+        text=TextConfig(max_length=512, freeze=True, cache_embeddings=True),
         feature_norm="batch",
     ),
     # No accumulation: the localization and prompt losses are per step like SigLIP.
-    loss=LossConfig(prompt_weight=1.0, localization_weight=1.0),
+    # SigLIP bias from -log(B - 1) = -log 15: the log prior odds of a pair being positive at
+    # B = 16, where the loss starts balanced. The paper's -10 suits its 4096-pair batches; at
+    # B = 16 it starts every positive pair near log 2 loss, and an AdamW step moves b by about
+    # lr = 1e-3, so a CPU hour of ~500 steps would end with b still near -10.
+    loss=LossConfig(
+        prompt_weight=1.0, localization_weight=1.0, init_logit_bias=-math.log(16 - 1)
+    ),
     # 16 per step: SigLIP needs negatives; the CPU hour affords about 600 such steps.
     optim=OptimConfig(
         lr=1e-3, warmup_epochs=0.2, epochs=3, precision="fp32", batch_size=16, accum_steps=1

@@ -217,6 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         localization=not args.no_localization,
         ablation=args.ablation,
+        volume_cache=args.volume_cache,
+        time_budget_s=args.time_budget,
     )
     print(
         json.dumps(
@@ -400,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ablation",
         choices=["no-localization", "no-prompts", "clip"],
         help="train an ablation of the paper's objectives",
+    )
+    train.add_argument(
+        "--volume-cache",
+        type=Path,
+        help="keep decoded volumes here for later epochs (raw .npy, ~2 bytes per voxel)",
+    )
+    train.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="fit the run (and its LR schedule) into this many seconds",
     )
     train.set_defaults(func=cmd_train)
 

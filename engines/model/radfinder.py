@@ -72,7 +72,11 @@ class ProjectionHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if cfg.init == "0.02":
+                    nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                else:
+                    std = m.in_features**-0.5
+                    nn.init.trunc_normal_(m.weight, std=std, a=-2.0 * std, b=2.0 * std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.last_weight = nn.Parameter(torch.empty(cfg.output_dim, k))

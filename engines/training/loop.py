@@ -87,6 +87,7 @@ from engines.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from engines.training.diagnostics import batch_diagnostics
 from engines.training.progress import Progress
 
 __all__ = [
@@ -102,6 +103,7 @@ __all__ = [
 _PROMPT_REF_BATCH: Final = 256
 _SALT_ORDER: Final = 0x4F524452
 _LOSS_KEYS: Final = ("loss", "siglip", "prompt", "localization")
+_DIAG_KEYS: Final = ("img_cos", "batch_r1", "prompt_auc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +178,7 @@ class DepthPrior:
             for i, lb in enumerate(LABELS)
             if self.counts[i] > 0
         }
-        overall = (
-            float(self.sums[-1] / self.counts[-1]) if self.counts[-1] > 0 else 0.5
-        )
+        overall = float(self.sums[-1] / self.counts[-1]) if self.counts[-1] > 0 else 0.5
         return {"labels": per, "overall": {"mean": overall, "n": int(self.counts[-1])}}
 
     def state(self) -> dict[str, Any]:
@@ -236,6 +236,9 @@ def _init_distributed(device: str | torch.device | None) -> torch.device:
         if dev.index is None:  # "cuda" means this rank's GPU; set_device needs the index
             dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
+        # Static shapes: let cuDNN time its convolution algorithms once; TF32 for fp32 matmuls.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return dev
@@ -392,7 +395,7 @@ def train_step(ctx: StepContext, batch: Batch, accum: int) -> dict[str, float]:
             ctx, out, prompts, batch.labels, batch.snippet_batch_index, batch.snippet_target
         )
         _backward(ctx, losses["loss"])
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {**_diagnostics(out, prompts, batch.labels), **_scalars(losses)}
 
     micro = batch.split(accum)
     cached: dict[str, list[torch.Tensor]] = {k: [] for k in _EMB_FIELDS}
@@ -444,7 +447,23 @@ def train_step(ctx: StepContext, batch: Batch, accum: int) -> dict[str, float]:
             surrogate = term if surrogate is None else surrogate + term
         if surrogate is not None:
             torch.autograd.backward([surrogate])
+    return {**_diagnostics(full, prompts, batch.labels), **_scalars(losses)}
+
+
+def _scalars(losses: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _diagnostics(
+    out: RadFinderOutput, prompts: PromptEmbeddings, labels: torch.Tensor
+) -> dict[str, float]:
+    return batch_diagnostics(
+        out.image_embedding.detach(),
+        out.image_embedding_local.detach(),
+        None if out.report_embedding is None else out.report_embedding.detach(),
+        prompts.classify.detach(),
+        labels,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +584,8 @@ def train(
     samples_per_epoch: int = 1000,
     stop_after: int | None = None,
     text_tower: TextTower | None = None,
+    volume_cache: str | Path | None = None,
+    time_budget_s: float | None = None,
 ) -> TrainResult:
     """Train RadFinder and write a run folder.
 
@@ -576,10 +597,16 @@ def train(
     continues from that checkpoint. ``stop_after`` ends this invocation at that step without
     changing the schedule (for time-boxed jobs; resume later). ``localization=False`` trains
     the ablation without the localization loss; ``ablation`` names one of ``ABLATIONS``.
+    ``volume_cache``: a folder where decoded volumes are kept for later epochs
+    (``engines.datasets.DecodedVolumeCache``). ``time_budget_s``: after a few timed steps,
+    shorten the run to what fits in that many seconds (from the call's start) and fit the
+    cosine schedule to the new length, so a time-boxed run still ends at the minimum LR
+    instead of being cut off mid-schedule.
 
     Writes ``run.json``, ``metrics.jsonl`` (one line per logged step), ``loss_curves.png``,
     ``depth_prior.json`` and ``checkpoints/{step-NNNNNNN,last}.pt``.
     """
+    t_call = time.monotonic()
     p = get_preset(preset) if isinstance(preset, str) else preset
     dev = _init_distributed(device)
     rank, world = _rank(), _world()
@@ -601,6 +628,7 @@ def train(
         augment=p.augment,
         seed=seed,
         synthetic_length=max(samples_per_epoch, step_size * world),
+        volume_cache=volume_cache,
     )
     steps_per_epoch = len(dataset) // (step_size * world)
     if steps_per_epoch < 1:
@@ -761,6 +789,8 @@ def train(
 
     params = [q for q in model.parameters() if q.requires_grad]
     end = total if stop_after is None else min(total, int(stop_after))
+    timing_from, timing_to = start + _BUDGET_SKIP, start + _BUDGET_SKIP + _BUDGET_TIMED
+    t_timing = 0.0
     step = start
     last: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -805,11 +835,33 @@ def train(
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 dt_step = time.monotonic() - t0
-                losses = _mean_over_ranks(losses)
+                if time_budget_s is not None and step == timing_from:
+                    t_timing = time.monotonic()
+                if time_budget_s is not None and step == timing_to and end > step:
+                    fitted = _fit_to_budget(
+                        step, (time.monotonic() - t_timing) / _BUDGET_TIMED,
+                        time_budget_s - (time.monotonic() - t_call), end, world,
+                    )
+                    if fitted < end:
+                        total = end = fitted
+                        schedule = WarmupCosine(total, min(warm, total // 2), schedule.min_factor)
+                        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+                        bar.total = total
+                        if main:
+                            info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+                            info.update(total_steps=total, time_budget_s=time_budget_s)
+                            (out / "run.json").write_text(json.dumps(info, indent=2))
+                # Diagnostics stay per rank (a key can be missing on one rank); losses average.
+                diag = {k2: v for k2, v in losses.items() if k2 in _DIAG_KEYS}
+                losses = {
+                    **diag,
+                    **_mean_over_ranks({k2: v for k2, v in losses.items() if k2 not in _DIAG_KEYS}),
+                }
                 row: dict[str, Any] = {
                     "step": step,
                     "epoch": epoch,
                     **{k2: losses[k2] for k2 in _LOSS_KEYS if k2 in losses},
+                    **{k2: losses[k2] for k2 in _DIAG_KEYS if k2 in losses},
                     "lr": current_lr,
                     "t": float(model.logit_scale.detach().exp()),
                     "b": float(model.logit_bias.detach()),
@@ -843,6 +895,22 @@ def train(
         metrics=last,
         first_metrics=first,
     )
+
+
+_BUDGET_SKIP: Final = 10  # steps before timing (cuDNN autotuning, loader warm-up)
+_BUDGET_TIMED: Final = 20  # steps timed to fit a run to its time budget
+
+
+def _fit_to_budget(step: int, seconds_per_step: float, left_s: float, end: int, world: int) -> int:
+    """The last step that fits in ``left_s`` at the measured pace (3 % margin), never past
+    ``end`` and never before the next step. Ranks agree on the smallest."""
+    fits = step + max(1, int(0.97 * left_s / max(seconds_per_step, 1e-9)))
+    fitted = min(end, fits)
+    if world > 1:
+        t = torch.tensor([fitted], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        fitted = int(t.item())
+    return fitted
 
 
 def _sync_gradients(params: Sequence[torch.nn.Parameter]) -> None:
