@@ -598,10 +598,10 @@ def train(
     changing the schedule (for time-boxed jobs; resume later). ``localization=False`` trains
     the ablation without the localization loss; ``ablation`` names one of ``ABLATIONS``.
     ``volume_cache``: a folder where decoded volumes are kept for later epochs
-    (``engines.datasets.DecodedVolumeCache``). ``time_budget_s``: after a few timed steps,
-    shorten the run to what fits in that many seconds (from the call's start) and fit the
-    cosine schedule to the new length, so a time-boxed run still ends at the minimum LR
-    instead of being cut off mid-schedule.
+    (``engines.datasets.DecodedVolumeCache``). ``time_budget_s``: every 20 timed steps, fit
+    the run's length (at most the planned one) to what still fits in that many seconds from
+    the call's start at the recent pace, and the cosine schedule to that length, so a
+    time-boxed run ends at the minimum LR instead of being cut off mid-schedule.
 
     Writes ``run.json``, ``metrics.jsonl`` (one line per logged step), ``loss_curves.png``,
     ``depth_prior.json`` and ``checkpoints/{step-NNNNNNN,last}.pt``.
@@ -789,7 +789,8 @@ def train(
 
     params = [q for q in model.parameters() if q.requires_grad]
     end = total if stop_after is None else min(total, int(stop_after))
-    timing_from, timing_to = start + _BUDGET_SKIP, start + _BUDGET_SKIP + _BUDGET_TIMED
+    planned_end = end
+    timing_from = start + _BUDGET_SKIP
     t_timing = 0.0
     step = start
     last: dict[str, float] = {}
@@ -835,14 +836,19 @@ def train(
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 dt_step = time.monotonic() - t0
-                if time_budget_s is not None and step == timing_from:
-                    t_timing = time.monotonic()
-                if time_budget_s is not None and step == timing_to and end > step:
-                    fitted = _fit_to_budget(
-                        step, (time.monotonic() - t_timing) / _BUDGET_TIMED,
-                        time_budget_s - (time.monotonic() - t_call), end, world,
-                    )
-                    if fitted < end:
+                # Time budget: re-fit the length to the pace of the last window, every window
+                # (the pace changes when the machine's other load does).
+                window = step - timing_from
+                if time_budget_s is not None and window >= 0 and window % _BUDGET_TIMED == 0:
+                    now = time.monotonic()
+                    fitted = end
+                    if window > 0 and end > step:
+                        fitted = _fit_to_budget(
+                            step, (now - t_timing) / _BUDGET_TIMED,
+                            time_budget_s - (now - t_call), planned_end, world,
+                        )
+                    t_timing = now
+                    if fitted != end:
                         total = end = fitted
                         schedule = WarmupCosine(total, min(warm, total // 2), schedule.min_factor)
                         scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
@@ -898,7 +904,7 @@ def train(
 
 
 _BUDGET_SKIP: Final = 10  # steps before timing (cuDNN autotuning, loader warm-up)
-_BUDGET_TIMED: Final = 20  # steps timed to fit a run to its time budget
+_BUDGET_TIMED: Final = 20  # steps per timing window of the time-budget fit
 
 
 def _fit_to_budget(step: int, seconds_per_step: float, left_s: float, end: int, world: int) -> int:
