@@ -5,9 +5,12 @@ over 4 parallel associations (the files split in four), to each receiver in turn
 configuration runs ``--repeat`` times, interleaved, and the best time counts. All receivers get
 TCP_NODELAY=1 (Debian's dcmtk 3.6.7 and Orthanc 1.10 leave Nagle on otherwise) and a 128 KiB
 maximum PDU. radfinder-node runs as in production: durable spool (fsync), SQLite rows committed
-before each success status.
+before each success status. Every receiver is sent to only once it has settled after starting
+(its process idle for half a second, see Receiver.settle). The machine's 1-minute load average
+is recorded before every run and printed with the results (runs are only comparable on an
+otherwise idle machine).
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3]
+    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3] [--receivers node,orthanc]
 """
 
 from __future__ import annotations
@@ -51,6 +54,26 @@ class Receiver(abc.ABC):
 
     @abc.abstractmethod
     def count(self) -> int: ...
+
+    def settle(self, quiet_s: float = 0.5, limit_s: float = 15.0) -> None:
+        """Wait until the receiver has finished starting up: its process used under 5% of a
+        CPU for ``quiet_s``. An open port is not enough: radfinder-node opens its DICOM port
+        before it starts its worker, scheduler and web server, and a run that began at once
+        measured that start-up too."""
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + limit_s
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+        while time.monotonic() < deadline:
+            before = cpu()
+            time.sleep(quiet_s)
+            if cpu() - before < 0.05 * quiet_s:
+                return
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -130,6 +153,7 @@ class Orthanc(Receiver):
 class Node(Receiver):
     name, aet = "radfinder-node", "RADFINDER"
     fsync = True
+    source: Path | None = None  # another checkout's packages, first on PYTHONPATH
 
     def start(self) -> None:
         data = self.workdir / "data"
@@ -141,7 +165,11 @@ class Node(Receiver):
             "RADFINDER_MAX_PDU": str(PDU),
             "RADFINDER_LOG_LEVEL": "WARNING",
             "RADFINDER_FSYNC": "true" if self.fsync else "false",
+            "RADFINDER_HL7_PORT": "0",  # free ports: never fight another node over 2575/8080
+            "RADFINDER_HTTP_PORT": "0",
         }
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -163,6 +191,9 @@ class Node(Receiver):
         wait_port(self.port)
 
     def count(self) -> int:
+        env = {**os.environ}
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         out = subprocess.run(
             [
                 sys.executable,
@@ -177,6 +208,7 @@ class Node(Receiver):
             text=True,
             check=True,
             cwd=self.workdir,
+            env=env,
         )
         return int(json.loads(out.stdout)["instances"])
 
@@ -189,7 +221,7 @@ ae.maximum_pdu_size = int(sys.argv[2])
 for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 def established(event):
-    event.assoc.dul._run_loop_delay = 0.0001  # as radfinder-node does
+    event.assoc.dul._run_loop_delay = 0.0001  # as radfinder-node did before its fast path
 def store(event):
     event.encoded_dataset()
     return 0x0000
@@ -254,6 +286,10 @@ def send(receiver: Receiver, groups: list[list[Path]]) -> float:
     return time.perf_counter() - start
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def make_series(directory: Path, slices: int) -> list[Path]:
     from dicom_io.synthetic import write_ct_series
     from engines.data.phantoms import basic_chest_phantom
@@ -267,6 +303,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--receivers",
+        default="",
+        help="comma-separated subset of: storescp, orthanc, node, node-nofsync, noop "
+        "(default: all; the ratio lines need orthanc, storescp, node and noop)",
+    )
+    parser.add_argument(
+        "--assocs", default="1,4", help="association counts to run, comma-separated"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="a directory holding another version's packages (e.g. `git archive HEAD "
+        "radfinder_node dicom_io engines reports | tar -x -C DIR`): adds receiver "
+        "'baseline', that version of the node, configured as 'node' (before/after runs)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rf-bench-ingest-") as tmp_name:
@@ -274,15 +326,31 @@ def main() -> None:
         files = make_series(tmp / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} slices, {mb:.1f} MB, 512x512 int16, Explicit VR LE")
-        receivers: list[Callable[[Path], Receiver]] = [
-            Storescp,
-            Orthanc,
-            Node,
-            NodeNoFsync,
-            PynetdicomFloor,
-        ]
+        by_key: dict[str, Callable[[Path], Receiver]] = {
+            "storescp": Storescp,
+            "orthanc": Orthanc,
+            "node": Node,
+            "node-nofsync": NodeNoFsync,
+            "noop": PynetdicomFloor,
+        }
+        if args.baseline_src is not None:
+            source = args.baseline_src.resolve()
+
+            class Baseline(Node):
+                name = f"radfinder-node @{source.name}"
+
+            Baseline.source = source
+            by_key["baseline"] = Baseline
+        keys = [k.strip() for k in args.receivers.split(",") if k.strip()] or list(by_key)
+        unknown = set(keys) - set(by_key)
+        if unknown:
+            parser.error(f"unknown receivers: {sorted(unknown)}")
+        receivers = [by_key[k] for k in keys]
+        counts = [int(n) for n in args.assocs.split(",")]
         results: dict[tuple[str, int], list[float]] = {}
-        for parallel in (1, 4):
+        loads: dict[tuple[str, int], list[float]] = {}
+        print(f"load average at start: {_load()}")
+        for parallel in counts:
             groups = [files[i::parallel] for i in range(parallel)]
             for _ in range(args.repeat):
                 for make in receivers:
@@ -290,6 +358,8 @@ def main() -> None:
                     os.sync()  # every receiver starts with no dirty pages from the previous run
                     time.sleep(1.0)
                     r.start()
+                    r.settle()
+                    loads.setdefault((r.name, parallel), []).append(os.getloadavg()[0])
                     try:
                         seconds = send(r, groups)
                         received = r.count()
@@ -299,25 +369,33 @@ def main() -> None:
                         raise RuntimeError(f"{r.name} has {received} of {len(files)} instances")
                     results.setdefault((r.name, parallel), []).append(seconds)
 
-        print(f"\n{'receiver':<26} {'assocs':>6} {'best s':>8} {'median s':>9} {'images/s':>9}")
+        print(f"load average at end: {_load()}")
+        print(
+            f"\n{'receiver':<26} {'assocs':>6} {'best s':>8} {'median s':>9} {'images/s':>9}"
+            f" {'load':>10}"
+        )
         best: dict[tuple[str, int], float] = {}
         for (name, parallel), times in results.items():
             best[(name, parallel)] = min(times)
+            seen = loads[(name, parallel)]
             print(
                 f"{name:<26} {parallel:>6} {min(times):>8.3f} {statistics.median(times):>9.3f}"
-                f" {len(files) / min(times):>9.1f}"
+                f" {len(files) / min(times):>9.1f} {min(seen):>4.2f}-{max(seen):<5.2f}"
             )
         print()
-        for parallel in (1, 4):
+        for parallel in counts:
+            if not {("radfinder-node", parallel), ("Orthanc", parallel)} <= best.keys():
+                continue
             node = len(files) / best[("radfinder-node", parallel)]
             orthanc = len(files) / best[("Orthanc", parallel)]
-            dcmtk = len(files) / best[("dcmtk storescp", parallel)]
-            floor = len(files) / best[("pynetdicom no-op", parallel)]
-            print(
-                f"{parallel} assoc: radfinder-node / Orthanc = {node / orthanc:.2f}x, "
-                f"radfinder-node / dcmtk storescp = {node / dcmtk:.2f}x, "
-                f"pynetdicom no-op / Orthanc = {floor / orthanc:.2f}x (images/s ratios)"
-            )
+            line = f"{parallel} assoc: radfinder-node / Orthanc = {node / orthanc:.2f}x"
+            if ("dcmtk storescp", parallel) in best:
+                dcmtk = len(files) / best[("dcmtk storescp", parallel)]
+                line += f", radfinder-node / dcmtk storescp = {node / dcmtk:.2f}x"
+            if ("pynetdicom no-op", parallel) in best:
+                floor = len(files) / best[("pynetdicom no-op", parallel)]
+                line += f", pynetdicom no-op / Orthanc = {floor / orthanc:.2f}x"
+            print(line + " (images/s ratios)")
 
 
 if __name__ == "__main__":

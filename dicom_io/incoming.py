@@ -12,6 +12,12 @@ C-STORE handler as "out of resources", instead of aborting the association from 
 pynetdicom's reactor. The same mechanism enforces the largest instance the node accepts: past
 the limit the file is deleted at once and the rest of the data set is counted, not written, so a
 peer cannot fill the disk with one object and nothing half-written is left to quarantine.
+
+Each file also keeps, as it is written, what accepting it needs without reading it back: its
+size, the CRC-32 of everything after the 128-byte preamble (for the seal, see
+:mod:`dicom_io.spool`) and its first HEAD_BYTES bytes (file meta and data set header, parsed
+from memory). The receive fast path in :mod:`dicom_io.scp` opens its files here too
+(:func:`open_incoming`), so both paths hand the C-STORE handler the same kind of object.
 """
 
 from __future__ import annotations
@@ -19,10 +25,16 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import _config, dimse_messages
+
+from dicom_io.spool import PREAMBLE_BYTES, seal_bytes
+
+# Enough for the file meta and the header of any ordinary image (pixel data comes last).
+HEAD_BYTES = 65536
 
 _lock = threading.Lock()
 _registry: dict[str, IncomingFile] = {}
@@ -50,26 +62,47 @@ class IncomingFile:
         self.error = error
         self.size = 0
         self.max_bytes = max_bytes
+        self.crc = 0  # CRC-32 of the bytes after the preamble
+        self.head = bytearray()  # the first HEAD_BYTES bytes
         self._fd = fd
 
+    @property
+    def fd(self) -> int | None:
+        """The open descriptor (None once closed or failed): for syncing before closing."""
+        return self._fd
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(data)
         if isinstance(self.error, InstanceTooLargeError):
-            self.error.received += len(data)
-            return len(data)
-        if self.error is None and self.max_bytes and self.size + len(data) > self.max_bytes:
+            self.error.received += n
+            return n
+        if self.error is None and self.max_bytes and self.size + n > self.max_bytes:
             too_large = InstanceTooLargeError(self.max_bytes)
-            too_large.received = self.size + len(data)
+            too_large.received = self.size + n
             self._fail(too_large)
-            return len(data)
+            return n
         if self.error is None and self._fd is not None:
+            view = memoryview(data)
+            if self.size < HEAD_BYTES:
+                self.head += view[: HEAD_BYTES - self.size]
+            skip = PREAMBLE_BYTES - self.size  # the preamble is not covered by the CRC
+            if skip <= 0:
+                self.crc = zlib.crc32(view, self.crc)
+            elif skip < n:
+                self.crc = zlib.crc32(view[skip:], self.crc)
             try:
-                view = memoryview(data)
                 while view:
                     view = view[os.write(self._fd, view) :]
-                self.size += len(data)
+                self.size += n
             except OSError as exc:
                 self._fail(exc)
-        return len(data)
+        return n
+
+    def seal(self) -> None:
+        """Write the seal (size and CRC) into the preamble; the file must be complete."""
+        if self._fd is None:
+            raise OSError(f"{self.name} is closed")
+        os.pwrite(self._fd, seal_bytes(self.size, self.crc), 0)
 
     def flush(self) -> None:
         """Writes are unbuffered: nothing to flush."""
@@ -89,6 +122,13 @@ class IncomingFile:
 def _named_temporary_file(
     delete: bool = False, mode: str = "wb", suffix: str = ".dcm", **_: Any
 ) -> IncomingFile:
+    """What pynetdicom calls as ``NamedTemporaryFile``."""
+    return open_incoming(suffix)
+
+
+def open_incoming(suffix: str = ".dcm") -> IncomingFile:
+    """A new, registered file in the incoming directory (see :func:`claim`); never raises:
+    a file that cannot be created carries the error."""
     directory = _directory or Path(tempfile.gettempdir())
     try:
         fd, name = tempfile.mkstemp(suffix=suffix, prefix="rx-", dir=directory)

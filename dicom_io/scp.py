@@ -10,6 +10,13 @@ Who may associate is decided here too, when the A-ASSOCIATE-RQ arrives: an ``adm
 per-address count caps the associations one peer may hold; both refuse with A-ASSOCIATE-RJ and the
 reason PS3.8 Table 9-21 defines. With TLS the handshake runs in the connection's own thread with a
 timeout (pynetdicom would run it in the accept loop, where one silent client stalls everyone).
+
+The hot path, per instance: dicom_io.upper_layer receives the C-STORE in the association's DUL
+thread (no polling reactors, no hand-offs) into a file opened by dicom_io.incoming; the handler
+seals the file and starts its writeback, identifies it from the header bytes in memory
+(dicom_io.header_scan, pydicom whenever that scan cannot vouch for the file), links it under its
+final name and syncs file and directory in one round (dicom_io.spool.durable_link), has the
+recorder commit its row, and only then returns the status that the fast path sends at once.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, cast
 
+import pynetdicom
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -35,15 +43,25 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from dicom_io import incoming as incoming_files
+from dicom_io import upper_layer
+from dicom_io.header_scan import scan as scan_header
 from dicom_io.selection import summary_attributes
-from dicom_io.spool import InvalidUIDError, Quarantine, Spool, SpoolFullError, StoredFile
+from dicom_io.spool import (
+    InvalidUIDError,
+    Quarantine,
+    Spool,
+    SpoolFullError,
+    StoredFile,
+    start_writeback,
+    verify_seal,
+)
 from dicom_io.tls import peer_subject
 from dicom_io.uids import is_valid_uid
 
 log = logging.getLogger("dicom_io.scp")
 
 VERIFICATION = "1.2.840.10008.1.1"
-DUL_POLL_S = 0.0001
+DUL_POLL_S = 0.0001  # the stock reactor's idle poll (where the fast path is off)
 DEFER_BYTES = 16384
 
 # C-STORE statuses (PS3.4 Annex B.2.3; the Cxxx range is "Cannot understand").
@@ -77,16 +95,24 @@ class ReceivedInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     instance_number: int | None
-    dataset: Dataset = field(repr=False)  # header as read (pixel data not loaded)
+    # The header as read (pixel data not loaded), or None where the hot path identified the
+    # instance without pydicom (dicom_io.header_scan): ``header`` then reads the stored file.
+    dataset: Dataset | None = field(default=None, repr=False, kw_only=True)
     stored: StoredFile
     calling_ae: str
     peer: str
+    # This association has already recorded an instance of the series: it stays in flight
+    # (and so receiving) until the association ends, when association_closed is called.
+    series_open: bool = field(default=False, kw_only=True)
 
     @cached_property
     def header(self) -> dict[str, Any]:
         """Selection and study attributes; computed on demand, since only the first instance
         of a series needs them and the hot path cannot spare the time."""
-        return header_attributes(self.dataset)
+        ds = self.dataset
+        if ds is None:
+            ds = dcmread(self.stored.path, defer_size=DEFER_BYTES)
+        return header_attributes(ds)
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,11 @@ class InstanceRecorder(Protocol):
     def instance_rejected(self, rejected: Rejected) -> None:
         """Record a quarantined object."""
 
+    def association_closed(self, series_uids: set[str]) -> None:
+        """The association that sent these series ended: called while they still count as
+        in flight (series_in_flight), so that whatever the recorder deferred while they were
+        (see ReceivedInstance.series_open) is committed before completion may judge them."""
+
 
 def header_attributes(ds: Dataset) -> dict[str, Any]:
     """What selection needs (functional groups included) plus the study-level identifiers."""
@@ -129,6 +160,7 @@ class _AssocStats:
     bytes: int = 0
     failures: int = 0
     series: set[str] = field(default_factory=set)
+    recorded: set[str] = field(default_factory=set)  # series with an instance recorded
     tls: str | None = None  # "tls" or the client certificate's CN; None in the clear
 
 
@@ -164,6 +196,7 @@ class _Server(ThreadedAssociationServer):
 
     scp: StorageSCP
     tls: ssl.SSLContext | None
+    fast_path: bool
 
 
 class _Handler(RequestHandler):
@@ -180,7 +213,10 @@ class _Handler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.acse = _AdmittingACSE(assoc, cast(_Server, self.server).scp._admit)
+        server = cast(_Server, self.server)
+        assoc.acse = _AdmittingACSE(assoc, server.scp._admit)
+        if server.fast_path:
+            upper_layer.use_fast_path(assoc)
         return assoc
 
 
@@ -219,10 +255,13 @@ class StorageSCP:
         admission: Admission | None = None,
         max_associations_per_peer: int = 0,
         max_instance_bytes: int = 0,
+        fast_path: bool | None = None,
     ) -> None:
         """``allowed_calling_aes`` is a plain title list (pynetdicom's own check);
         ``admission`` the application's richer decision (titles with hosts). A limit of 0 is
-        no limit."""
+        no limit. ``fast_path`` (default: whenever the pynetdicom release is the one it was
+        written for) serves requests without pynetdicom's polling reactors
+        (dicom_io.upper_layer)."""
         if max_associations_per_peer < 0 or max_instance_bytes < 0:
             raise ValueError("limits must be >= 0 (0 = no limit)")
         self.spool = spool
@@ -231,6 +270,13 @@ class StorageSCP:
         self.admission = admission
         self.max_associations_per_peer = max_associations_per_peer
         self.max_instance_bytes = max_instance_bytes
+        available = upper_layer.fast_path_available()
+        self.fast_path = available if fast_path is None else fast_path
+        if self.fast_path and not available:
+            raise ValueError(
+                f"the receive fast path needs pynetdicom {upper_layer.FAST_PATH_PYNETDICOM}, "
+                f"not {pynetdicom.__version__}"
+            )
         incoming_files.install(spool.incoming, max_instance_bytes)
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = maximum_pdu_size
@@ -281,6 +327,7 @@ class StorageSCP:
         )
         server.scp = self
         server.tls = ssl_context
+        server.fast_path = self.fast_path
         thread = threading.Thread(
             target=make_target(server.serve_forever), name=f"AcceptorServer@{port}", daemon=True
         )
@@ -374,10 +421,19 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event) -> None:
         self._release(event.assoc)
+        _discard_partial(event.assoc)
         with self._lock:
-            stats = self._assocs.pop(id(event.assoc), None)
+            stats = self._assocs.get(id(event.assoc))
+            recorded = set(stats.recorded) if stats is not None else set()
         if stats is None:  # a connection that never became an association (rejected, probe)
             return
+        if recorded:  # before its series stop counting as in flight
+            try:
+                self.recorder.association_closed(recorded)
+            except Exception:
+                log.error("recording the end of an association failed", exc_info=True)
+        with self._lock:
+            self._assocs.pop(id(event.assoc), None)
         log.info(
             "association closed",
             extra={
@@ -408,40 +464,74 @@ class StorageSCP:
             log.warning("c-store without a data set", extra={"fields": {"error": str(exc)}})
             return STATUS_CANNOT_UNDERSTAND
         incoming = incoming_files.claim(path)
-        if incoming is not None:
+        if incoming is not None and incoming.error is not None:
             incoming.close()
             if isinstance(incoming.error, incoming_files.InstanceTooLargeError):
                 path.unlink(missing_ok=True)  # already gone; nothing half-written stays
                 return self._too_large(stats, incoming.error, _req_uid(req))
-            if incoming.error is not None:
+            stats.failures += 1
+            path.unlink(missing_ok=True)
+            log.error(
+                "receiving data set failed",
+                extra={"fields": {"sop_uid": _req_uid(req), "error": str(incoming.error)}},
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            return self._accept(stats, event, path, incoming)
+        finally:
+            if incoming is not None:
+                incoming.close()
+
+    def _accept(
+        self,
+        stats: _AssocStats,
+        event: evt.Event,
+        path: Path,
+        incoming: incoming_files.IncomingFile | None,
+    ) -> int:
+        """File one received data set: seal it and start its writeback (dicom_io.spool),
+        identify it (from memory when the header allows, dicom_io.header_scan; else with
+        pydicom), make it durable under its name, record it."""
+        req = event.request
+        size = incoming.size if incoming is not None else path.stat().st_size
+        stats.bytes += size
+        fd = incoming.fd if incoming is not None else None
+        if incoming is not None and fd is not None and self.spool.fsync:
+            try:  # the seal first: it is part of what the sync below makes durable
+                incoming.seal()
+                start_writeback(fd)
+            except OSError as exc:
                 stats.failures += 1
                 path.unlink(missing_ok=True)
-                log.error(
-                    "receiving data set failed",
-                    extra={"fields": {"sop_uid": _req_uid(req), "error": str(incoming.error)}},
-                )
+                log.error("spool write failed", extra={"fields": {"error": str(exc)}})
                 return STATUS_OUT_OF_RESOURCES
-        size = path.stat().st_size
-        stats.bytes += size
-        try:
-            # Big values (pixel data) are not read, only their extent checked.
-            ds = dcmread(path, defer_size=DEFER_BYTES)
-            _check_complete(ds, size)
-            ids = _identify(ds, req)
-        except _Reject as rej:
-            return self._reject(stats, path, rej.reason, rej.status, _req_uid(req))
-        except Exception as exc:
-            return self._reject(
-                stats,
-                path,
-                f"undecodable data set: {type(exc).__name__}: {exc}",
-                STATUS_CANNOT_UNDERSTAND,
-                _req_uid(req),
-            )
+        ds: Dataset | None = None
+        fast = _identify_scanned(incoming.head, size, req) if incoming is not None else None
+        if fast is not None:
+            ids, instance_number = fast
+        else:
+            try:
+                # Big values (pixel data) are not read, only their extent checked.
+                ds = dcmread(path, defer_size=DEFER_BYTES)
+                _check_complete(ds, size)
+                ids = _identify(ds, req)
+                instance_number = _int_or_none(ds.get("InstanceNumber"))
+            except _Reject as rej:
+                return self._reject(stats, path, rej.reason, rej.status, _req_uid(req))
+            except Exception as exc:
+                return self._reject(
+                    stats,
+                    path,
+                    f"undecodable data set: {type(exc).__name__}: {exc}",
+                    STATUS_CANNOT_UNDERSTAND,
+                    _req_uid(req),
+                )
         study_uid, series_uid, sop_uid, sop_class = ids
+        if not self.spool.fsync:
+            fd = None  # nothing to sync: adopt by rename
         try:
-            stored = self.spool.adopt(path, study_uid, series_uid, sop_uid)
-        except InvalidUIDError as exc:  # defence in depth; _identify validated already
+            stored = self.spool.adopt(path, study_uid, series_uid, sop_uid, fd=fd, size=size)
+        except InvalidUIDError as exc:  # defence in depth; identification validated already
             return self._reject(stats, path, str(exc), STATUS_MISSING_UIDS, sop_uid)
         except OSError as exc:
             stats.failures += 1
@@ -455,11 +545,12 @@ class StorageSCP:
             sop_uid=sop_uid,
             sop_class_uid=sop_class,
             transfer_syntax_uid=str(event.context.transfer_syntax),
-            instance_number=_int_or_none(ds.get("InstanceNumber")),
-            dataset=ds,
+            instance_number=instance_number,
             stored=stored,
             calling_ae=stats.calling_ae,
             peer=stats.peer,
+            dataset=ds,
+            series_open=series_uid in stats.recorded,
         )
         with self._lock:
             stats.series.add(series_uid)
@@ -476,6 +567,8 @@ class StorageSCP:
             )
             return STATUS_OUT_OF_RESOURCES
         stats.count += 1
+        with self._lock:
+            stats.recorded.add(series_uid)
         return STATUS_SUCCESS
 
     def _too_large(
@@ -557,8 +650,13 @@ class StorageSCP:
 
 def instance_from_spool(spool: Spool, path: Path) -> ReceivedInstance:
     """Describe a file already in the spool, to re-index it after the database lost its row
-    (power loss after the file was made durable). Raises ValueError if it cannot be filed."""
+    (power loss after the file was made durable). Raises ValueError if it cannot be filed,
+    among them a file whose seal shows it incomplete: cut short by a crash before it was
+    acknowledged (see dicom_io.spool)."""
+    if verify_seal(path) is False:
+        raise ValueError(f"{path} is incomplete (its seal does not match): never acknowledged")
     ds = dcmread(path, defer_size=DEFER_BYTES)
+    _check_complete(ds, path.stat().st_size)
     try:
         study_uid, series_uid, sop_uid, sop_class = _identify(ds, None)
     except _Reject as rej:
@@ -573,10 +671,10 @@ def instance_from_spool(spool: Spool, path: Path) -> ReceivedInstance:
         sop_class_uid=sop_class,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
-        dataset=ds,
         stored=StoredFile(path=path, relative=rel, size=path.stat().st_size, replaced=True),
         calling_ae="",
         peer="spool",
+        dataset=ds,
     )
 
 
@@ -585,6 +683,20 @@ class _Reject(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+def _discard_partial(assoc: Association) -> None:
+    """Close and remove the file of a data set the connection's end cut off (whichever path
+    was receiving it), so neither a descriptor nor a file outlives the association."""
+    dimse = assoc.dimse
+    if isinstance(dimse, upper_layer.LeanDIMSE):
+        dimse.discard_partial()
+    message = getattr(dimse, "message", None)
+    file = getattr(message, "_data_set_file", None)
+    if isinstance(file, incoming_files.IncomingFile):
+        file.close()
+        incoming_files.claim(file.name)
+        Path(file.name).unlink(missing_ok=True)
 
 
 def _peer(event: evt.Event) -> tuple[str, str]:
@@ -624,6 +736,49 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
             raise ValueError(
                 f"element {elem.tag} declares {length} bytes but the data set ends after {have}"
             )
+
+
+_STUDY_UID, _SERIES_UID, _SOP_UID, _SOP_CLASS, _INSTANCE_NUMBER = (
+    0x0020000D,
+    0x0020000E,
+    0x00080018,
+    0x00080016,
+    0x00200013,
+)
+_SCANNED = (_STUDY_UID, _SERIES_UID, _SOP_UID, _SOP_CLASS, _INSTANCE_NUMBER)
+
+
+def _identify_scanned(
+    head: bytes | bytearray, size: int, req: Any
+) -> tuple[tuple[str, str, str, str], int | None] | None:
+    """What _identify and the Instance Number give, from the header bytes in memory; None
+    whenever anything is not plainly right (the caller then reads the file with pydicom, so
+    every refusal, and its reason, stays pydicom's and _identify's)."""
+    values = scan_header(head, size, _SCANNED)
+    if values is None:
+        return None
+    uids: list[str] = []
+    for tag in (_STUDY_UID, _SERIES_UID, _SOP_UID, _SOP_CLASS):
+        raw = values.get(tag)
+        try:
+            uid = raw.decode("ascii").rstrip("\0 ").strip() if raw is not None else ""
+        except UnicodeDecodeError:
+            return None
+        if not is_valid_uid(uid):
+            return None
+        uids.append(uid)
+    affected = str(getattr(req, "AffectedSOPInstanceUID", "") or "")
+    if affected and affected != uids[2]:
+        return None
+    number: int | None = None
+    raw = values.get(_INSTANCE_NUMBER)
+    if raw is not None:
+        text = raw.decode("ascii", "replace").strip(" \0")
+        if text:
+            if not text.isdigit() or len(text) > 12:
+                return None  # signs, decimals, several values: as pydicom reads them
+            number = int(text)
+    return (uids[0], uids[1], uids[2], str(UID(uids[3]))), number
 
 
 def _identify(ds: Dataset, req: Any) -> tuple[str, str, str, str]:

@@ -28,7 +28,6 @@ MICRO: Preset = dataclasses.replace(
         combiner=CombinerConfig(embed_dim=32, depth=1, num_heads=2, layer_scale_init=0.0),
         head=HeadConfig(hidden_dim=64, bottleneck_dim=32, output_dim=32, init="fan_in"),
         text=dataclasses.replace(TINY.model.text, max_length=64),
-        feature_norm=TINY.model.feature_norm,
     ),
     augment=AugmentConfig(flip_prob=0.0),
 )
