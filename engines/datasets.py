@@ -634,37 +634,20 @@ def open_dataset(
             max_shift=max_shift,
             split=split,
         )
+    kwargs: dict[str, Any] = {
+        "augment": augment,
+        "max_shift": max_shift,
+        "seed": seed,
+        "volume_cache": volume_cache,
+    }
     if isinstance(data, str | Path):
         p = Path(data)
         if p.is_dir():
-            return ManifestDataset.from_ctrate(
-                p,
-                space,
-                split=split,
-                augment=augment,
-                max_shift=max_shift,
-                seed=seed,
-                volume_cache=volume_cache,
-            )
+            return ManifestDataset.from_ctrate(p, space, split=split, **kwargs)
         if not p.exists():
             raise FileNotFoundError(f"no manifest or CT-RATE folder at {p}")
-        return ManifestDataset.from_manifest(
-            p,
-            space,
-            split=split,
-            augment=augment,
-            max_shift=max_shift,
-            seed=seed,
-            volume_cache=volume_cache,
-        )
-    return ManifestDataset(
-        list(data),
-        space,
-        augment=augment,
-        max_shift=max_shift,
-        seed=seed,
-        volume_cache=volume_cache,
-    )
+        return ManifestDataset.from_manifest(p, space, split=split, **kwargs)
+    return ManifestDataset(list(data), space, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -866,8 +866,7 @@ def train(
                 row: dict[str, Any] = {
                     "step": step,
                     "epoch": epoch,
-                    **{k2: losses[k2] for k2 in _LOSS_KEYS if k2 in losses},
-                    **{k2: losses[k2] for k2 in _DIAG_KEYS if k2 in losses},
+                    **{k2: losses[k2] for k2 in (*_LOSS_KEYS, *_DIAG_KEYS) if k2 in losses},
                     "lr": current_lr,
                     "t": float(model.logit_scale.detach().exp()),
                     "b": float(model.logit_bias.detach()),
