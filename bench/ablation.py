@@ -22,7 +22,6 @@ On a GPU the variants train side by side on one device (``--parallel``); on this
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -88,6 +87,10 @@ ALIASES = {
     "prompt_w": "loss.prompt_weight",
     "loc_w": "loss.localization_weight",
     "neck": "model.feature_norm",
+    "windows": "model.backbone.input_windows",
+    "norm": "model.backbone.norm",
+    "channels": "model.backbone.channels",
+    "blocks": "model.backbone.stage_blocks",
 }
 
 
@@ -97,24 +100,20 @@ def variant_preset(variant: str) -> tuple[str, Any]:
     ``model``, ``augment``) or one of ``ALIASES``, e.g. ``full:bias=-2.7:lr=3e-4``."""
     import ast
 
-    from engines.presets import get_preset
+    from engines.presets import get_preset, override
 
     name, *pairs = variant.split(":")
     preset = get_preset("tiny")
     for pair in pairs:
         key, _, raw = pair.partition("=")
-        section, _, field = ALIASES.get(key, key).partition(".")
         try:
             value: Any = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        part = getattr(preset, section)
-        if not dataclasses.is_dataclass(part) or field not in {
-            f.name for f in dataclasses.fields(part)
-        }:
-            raise SystemExit(f"unknown override {key!r} in variant {variant!r}")
-        part = dataclasses.replace(part, **{field: value})
-        preset = dataclasses.replace(preset, **{section: part})
+        try:
+            preset = override(preset, ALIASES.get(key, key), value)
+        except KeyError:
+            raise SystemExit(f"unknown override {key!r} in variant {variant!r}") from None
     return name, preset
 
 

@@ -9,6 +9,13 @@ is the bottleneck, not the objectives.
 
     .venv/bin/python bench/backbone_probe.py --train DIR --test DIR [--pool mean|max]
         [--steps 200] [--eval-every 50] [--n-eval 200] [--volume-cache DIR]
+        [--set KEY=VALUE ...] [--time-budget S]
+
+``--set`` changes the tiny preset as ``bench/ablation.py`` variants do (``norm=batch``,
+``windows=[(-1000,-400),(-160,240)]``, ``model.backbone.channels=(8,16,32,64)``), so a backbone
+can be compared here, in minutes, before it costs a training run. ``--time-budget`` stops at a
+wall-clock limit (evaluation time not counted) so that designs of different cost are compared
+at equal CPU time.
 """
 
 from __future__ import annotations
@@ -37,20 +44,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--volume-cache", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--time-budget", type=float, default=0.0)
     args = ap.parse_args()
-
     import numpy as np
     import torch
+    from ablation import variant_preset
 
     from engines.data.labels import LABELS
     from engines.datasets import collate, open_dataset
     from engines.model.vision import build_backbone
-    from engines.presets import get_preset
     from engines.training.diagnostics import rank_auc
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    p = get_preset("tiny")
+    _, p = variant_preset(":".join(["full", *args.set]))
     train = open_dataset(args.train, p.space, split="train", augment=p.augment, seed=0,
                          volume_cache=args.volume_cache)
     test = open_dataset(args.test, p.space, split="valid", volume_cache=args.volume_cache)
@@ -80,6 +88,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     curve = []
     t0 = time.perf_counter()
+    t_eval = 0.0
     for step in range(1, args.steps + 1):
         idx = rng.choice(len(train), args.batch, replace=False)
         train.set_epoch(step)
@@ -92,18 +101,26 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % args.eval_every == 0 or step == args.steps:
+        train_s = time.perf_counter() - t0 - t_eval
+        last = step == args.steps or bool(args.time_budget and train_s >= args.time_budget)
+        if step % args.eval_every == 0 or last:
+            te = time.perf_counter()
             aucs = evaluate()
+            t_eval += time.perf_counter() - te
             macro = float(np.mean(list(aucs.values())))
             row = {"step": step, "loss": float(loss), "macro_auc": macro,
-                   "seconds": time.perf_counter() - t0, "auc": aucs}
+                   "seconds": train_s, "auc": aucs}
             curve.append(row)
             top = sorted(aucs.items(), key=lambda kv: -kv[1])[:4]
             print(f"step {step} loss {row['loss']:.3f} held-out macro AUC {row['macro_auc']:.3f} "
                   f"({row['seconds']:.0f} s); best: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in top), flush=True)
+        if last:
+            break
     if args.json:
-        args.json.write_text(json.dumps({"pool": args.pool, "curve": curve}, indent=2))
+        args.json.write_text(
+            json.dumps({"pool": args.pool, "set": args.set, "curve": curve}, indent=2)
+        )
     return 0
 
 

@@ -41,12 +41,14 @@ from engines.presets import (
     ModelSpaceConfig,
     Preset,
     ViTBackboneConfig,
+    override,
 )
 from standins import StandInFinding as _Finding
 
 # The tiny preset's architecture on a smaller grid (8 depth tokens of 12 mm), so tests are fast.
 SMALL = dataclasses.replace(
-    TINY, space=ModelSpaceConfig(spacing_mm=(4.0, 2.5, 2.5), shape=(24, 64, 64))
+    override(TINY, "model.backbone.inplane_grid", (2, 2)),
+    space=ModelSpaceConfig(spacing_mm=(4.0, 2.5, 2.5), shape=(24, 64, 64)),
 )
 TEXT_DIM = 24
 
@@ -197,6 +199,36 @@ def test_vit_backbone_variant() -> None:
     pos, neg = torch.randn(2, 2, TEXT_DIM, generator=g), torch.randn(2, 2, TEXT_DIM, generator=g)
     training_step(model, report, snip, (pos, neg))
     assert_every_trainable_param_has_grad(model)
+
+
+def test_input_windows_are_the_model_space_value_rewindowed_in_hu() -> None:
+    from engines.model.vision import CNNBackbone
+
+    windows = ((-1000.0, -400.0), (-160.0, 240.0), (100.0, 1000.0))
+    preset = override(SMALL, "model.backbone.input_windows", [list(w) for w in windows])
+    assert preset.model.backbone.input_windows == windows
+    bb = CNNBackbone(preset.model.backbone, preset.space)
+    hu = torch.tensor([-1024.0, -950.0, -850.0, -600.0, -100.0, 0.0, 40.0, 300.0, 900.0, 3000.0])
+    lo, hi = preset.space.hu_window
+    x = ((hu.clamp(lo, hi) - lo) / (hi - lo)).view(1, 1, -1, 1, 1)
+    got = (x * bb.win_scale + bb.win_shift).clamp(0, 1)[0, :, :, 0, 0]
+    torch.testing.assert_close(got[0], x.flatten())  # the model-space channel itself
+    for k, (wlo, whi) in enumerate(windows, start=1):
+        want = ((hu.clamp(lo, hi) - wlo) / (whi - wlo)).clamp(0, 1)
+        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=0)
+    assert bb.stages[0][0].in_channels == 4
+    # emphysema vs normal lung: 0.05 apart in model space, 0.17 in the lung window
+    assert got[1, 2] - got[1, 1] > 3 * (got[0, 2] - got[0, 1])
+
+
+def test_override_replaces_nested_fields_and_rejects_typos() -> None:
+    p = override(TINY, "model.backbone.norm", "group")
+    assert p.model.backbone.norm == "group"
+    assert override(p, "model.backbone.norm", "batch").model.backbone.norm == "batch"
+    assert p.model.combiner == TINY.model.combiner and p.loss == TINY.loss
+    assert override(TINY, "optim.lr", 3e-4).optim.lr == 3e-4
+    with pytest.raises(KeyError, match="nrom"):
+        override(TINY, "model.backbone.nrom", "batch")
 
 
 # --- prediction -----------------------------------------------------------------------------

@@ -121,13 +121,17 @@ def _groups(c: int) -> int:
     return math.gcd(c, 8)
 
 
+def _norm(kind: str, c: int) -> nn.Module:
+    return nn.BatchNorm3d(c) if kind == "batch" else nn.GroupNorm(_groups(c), c)
+
+
 class _ResBlock(nn.Module):
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, norm: str = "group") -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(c, c, 3, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(_groups(c), c)
+        self.norm1 = _norm(norm, c)
         self.conv2 = nn.Conv3d(c, c, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(_groups(c), c)
+        self.norm2 = _norm(norm, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.gelu(self.norm1(self.conv1(x)))
@@ -142,39 +146,72 @@ class CNNBackbone(nn.Module):
     slices (plus one on each side), which is what the depth targets assume.
     """
 
+    win_scale: torch.Tensor
+    win_shift: torch.Tensor
+
     def __init__(self, cfg: CNNBackboneConfig, space: ModelSpaceConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        factors = sorted(_prime_factors(space.slices_per_token), reverse=True)
+        sp = cfg.stem_pool
+        if space.slices_per_token % sp[0]:
+            raise ValueError(f"stem_pool depth {sp[0]} must divide {space.slices_per_token}")
+        factors = sorted(_prime_factors(space.slices_per_token // sp[0]), reverse=True)
         n = len(cfg.channels)
         if len(factors) > n:
             raise ValueError(f"{space.slices_per_token} slices/token needs more than {n} stages")
         zstrides = [1] * (n - len(factors)) + factors
         if cfg.stage_blocks and len(cfg.stage_blocks) != n:
             raise ValueError(f"stage_blocks {cfg.stage_blocks} must name {n} stages")
+        # Channel k > 0 is clip(x * scale_k + shift_k, 0, 1): the [0, 1] model-space value
+        # re-windowed to input_windows[k - 1] (HU).
+        lo, hi = space.hu_window
+        scale, shift = [1.0], [0.0]
+        for wlo, whi in cfg.input_windows:
+            if not whi > wlo:
+                raise ValueError(f"input window {(wlo, whi)} must be (low, high), high > low")
+            scale.append((hi - lo) / (whi - wlo))
+            shift.append((lo - wlo) / (whi - wlo))
+        self.register_buffer("win_scale", torch.tensor(scale).view(1, -1, 1, 1, 1), False)
+        self.register_buffer("win_shift", torch.tensor(shift).view(1, -1, 1, 1, 1), False)
         stages: list[nn.Module] = []
-        cin = 1
+        cin = len(scale)
         for i, (c, sz) in enumerate(zip(cfg.channels, zstrides, strict=True)):
             kz, pz = (3, 1) if sz == 1 else (sz + 2, 1)
             layers: list[nn.Module] = [
                 nn.Conv3d(cin, c, (kz, 3, 3), stride=(sz, 2, 2), padding=(pz, 1, 1), bias=False),
-                nn.GroupNorm(_groups(c), c),
+                _norm(cfg.norm, c),
                 nn.GELU(),
             ]
-            layers += [_ResBlock(c) for _ in range(cfg.blocks(i))]
+            layers += [_ResBlock(c, cfg.norm) for _ in range(cfg.blocks(i))]
             stages.append(nn.Sequential(*layers))
             cin = c
         self.stages = nn.Sequential(*stages)
         _, ny, nx = space.shape
-        fy, fx = ny // 2**n, nx // 2**n
+        fy, fx = ny // sp[1] // 2**n, nx // sp[2] // 2**n
         gy, gx = cfg.inplane_grid
         self.pool = (fy // gy, fx // gx)
+        self.skip_norm: nn.Module | None = None
+        if cfg.stem_skip:
+            # BatchNorm whatever cfg.norm says: a per-sample norm would take out the absolute
+            # tissue fractions that are the point of the skip.
+            self.skip_norm = nn.BatchNorm3d(len(scale))
+            n_z = space.shape[0] // sp[0]
+            self.skip_pool = (n_z // space.n_depth_tokens, ny // sp[1] // gy, nx // sp[2] // gx)
         self.out_dim = cfg.out_dim
         self.grid = (space.n_depth_tokens, gy, gx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.win_scale.shape[1] > 1:
+            # One fused pass and an in-place clip (the input needs no gradient): at full
+            # resolution the naive form costs more than the convolutions after it.
+            x = torch.addcmul(self.win_shift, x, self.win_scale).clamp_(0.0, 1.0)
+        if self.cfg.stem_pool != (1, 1, 1):
+            x = F.avg_pool3d(x, kernel_size=self.cfg.stem_pool)
         f = self.stages(x)  # [B, C, D, fy, fx]
         f = F.avg_pool3d(f, kernel_size=(1, *self.pool))
+        if self.skip_norm is not None:
+            skip = F.avg_pool3d(x, kernel_size=self.skip_pool)
+            f = torch.cat([f, self.skip_norm(skip)], dim=1)
         return f.permute(0, 2, 3, 4, 1)
 
 
