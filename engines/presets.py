@@ -171,6 +171,12 @@ class CombinerConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     layer_scale_init: float = 1e-3
+    # (depth, rows, columns) regions, or () for none: a linear readout of the combiner's
+    # output tokens averaged over these regions is added to both CLS outputs. It starts at
+    # zero, so the model begins as the paper's; but unlike the CLS tokens, whose attention
+    # starts uniform (a mean over all cells, blind to where a finding is), it is
+    # position-specific from the first step (bench/RESULTS.md, prompt-path probe).
+    region_readout: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -338,7 +344,9 @@ TINY: Final = Preset(
             stem_pool=(3, 4, 4),
             stem_skip=True,
         ),
-        combiner=CombinerConfig(embed_dim=96, depth=2, num_heads=4, layer_scale_init=0.0),
+        combiner=CombinerConfig(
+            embed_dim=96, depth=2, num_heads=4, layer_scale_init=0.0, region_readout=(4, 4, 4)
+        ),
         head=HeadConfig(hidden_dim=256, bottleneck_dim=64, output_dim=128, init="fan_in"),
         text=TextConfig(max_length=512, freeze=True, cache_embeddings=True),
         feature_norm="batch",

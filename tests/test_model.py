@@ -47,7 +47,11 @@ from standins import StandInFinding as _Finding
 
 # The tiny preset's architecture on a smaller grid (8 depth tokens of 12 mm), so tests are fast.
 SMALL = dataclasses.replace(
-    override(TINY, "model.backbone.inplane_grid", (2, 2)),
+    override(
+        override(TINY, "model.backbone.inplane_grid", (2, 2)),
+        "model.combiner.region_readout",
+        (2, 2, 2),
+    ),
     space=ModelSpaceConfig(spacing_mm=(4.0, 2.5, 2.5), shape=(24, 64, 64)),
 )
 TEXT_DIM = 24

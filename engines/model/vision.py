@@ -291,6 +291,15 @@ class Combiner(nn.Module):
         )
         self.norm = nn.LayerNorm(e, eps=1e-6)
         self.apply(_init_linear)
+        self.readout: nn.Linear | None = None
+        if cfg.region_readout:
+            rd, ry, rx = cfg.region_readout
+            if d % rd or gy % ry or gx % rx:
+                raise ValueError(f"region_readout {cfg.region_readout} must divide {grid}")
+            self.region_pool = (d // rd, gy // ry, gx // rx)
+            self.readout = nn.Linear(rd * ry * rx * e, 2 * e)
+            nn.init.zeros_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
         self.out_dim = e
 
     def forward(
@@ -316,8 +325,18 @@ class Combiner(nn.Module):
         for blk in self.blocks:
             x = blk(x, key_valid)
         x = self.norm(x)
-        per_depth = x[:, 2:].reshape(b, d, gy * gx, -1).mean(dim=2)
-        return x[:, 0], x[:, 1], per_depth
+        tokens = x[:, 2:]
+        per_depth = tokens.reshape(b, d, gy * gx, -1).mean(dim=2)
+        cls, local_cls = x[:, 0], x[:, 1]
+        if self.readout is not None:
+            # Padding depths count as zeros in their region's mean (static shapes for ONNX).
+            if key_valid is not None:
+                tokens = tokens * key_valid[:, 2:, None].to(tokens.dtype)
+            grid_tokens = tokens.reshape(b, d, gy, gx, -1).permute(0, 4, 1, 2, 3)
+            regions = F.avg_pool3d(grid_tokens, kernel_size=self.region_pool).flatten(1)
+            extra_cls, extra_local = self.readout(regions).chunk(2, dim=-1)
+            cls, local_cls = cls + extra_cls, local_cls + extra_local
+        return cls, local_cls, per_depth
 
 
 class VisionTower(nn.Module):
