@@ -225,6 +225,35 @@ def test_input_windows_are_the_model_space_value_rewindowed_in_hu() -> None:
     assert got[1, 2] - got[1, 1] > 3 * (got[0, 2] - got[0, 1])
 
 
+def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() -> None:
+    from engines.model.vision import Combiner
+
+    grid = (4, 2, 2)
+    plain_cfg = CombinerConfig(embed_dim=8, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    plain = Combiner(plain_cfg, 4, grid)
+    torch.manual_seed(0)
+    rr = Combiner(dataclasses.replace(plain_cfg, region_readout=(2, 1, 1)), 4, grid)
+    assert rr.readout is not None and rr.readout.in_features == 2 * 8
+    feats = torch.randn(3, *grid, 4)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2, 3] = False
+    for a, b in zip(plain(feats, valid), rr(feats, valid), strict=True):
+        torch.testing.assert_close(a, b)  # zero-initialised: the paper's combiner at step 0
+    cls, local, _ = rr(feats, valid)
+    (cls.sum() + local.sum()).backward()  # type: ignore[no-untyped-call]
+    assert rr.readout.weight.grad is not None and rr.readout.weight.grad.abs().sum() > 0
+    # a padding depth contributes nothing to its region
+    with torch.no_grad():
+        rr.readout.weight.normal_()
+        changed = feats.clone()
+        changed[2, 3] += 10.0
+        x1, x2 = rr(feats, valid)[0], rr(changed, valid)[0]
+    torch.testing.assert_close(x1[2], x2[2])
+    with pytest.raises(ValueError, match="region_readout"):
+        Combiner(dataclasses.replace(plain_cfg, region_readout=(3, 1, 1)), 4, grid)
+
+
 def test_override_replaces_nested_fields_and_rejects_typos() -> None:
     p = override(TINY, "model.backbone.norm", "group")
     assert p.model.backbone.norm == "group"
