@@ -54,7 +54,7 @@ def main() -> int:
     d = np.load(args.features)
     xtr, ytr, xte, yte = (torch.tensor(d[k]).float() for k in ("xtr", "ytr", "xte", "yte"))
     if args.global_:
-        n_ch = 12
+        n_ch = 1 + len(get_preset("tiny").model.backbone.input_windows)  # stem channels
         xtr = xtr.reshape(len(xtr), n_ch, -1).mean(-1)
         xte = xte.reshape(len(xte), n_ch, -1).mean(-1)
     mu, sd = xtr.mean(0), xtr.std(0).clamp(min=1e-4)
