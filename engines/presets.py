@@ -130,7 +130,7 @@ class CNNBackboneConfig:
     # Hand the stem's channels, averaged over each output cell (a regional soft histogram
     # when input_windows are narrow), to the combiner beside the learned features. A linear
     # model on such 4x4x4-region histograms reads medical material, cardiomegaly, both
-    # effusions and lung opacity at AUC 0.83-0.999 (bench/RESULTS.md); a CNN trained for a
+    # effusions and lung opacity at AUC 0.82-0.999 (bench/RESULTS.md); a CNN trained for a
     # CPU hour does not get there on its own, so it is given them and learns the rest.
     stem_skip: bool = False
 
@@ -291,6 +291,8 @@ class Preset:
             _, ny, nx = self.space.shape
             gy, gx = bb.inplane_grid
             down = 2 ** len(bb.channels)
+            if ny % bb.stem_pool[1] or nx % bb.stem_pool[2]:
+                raise ValueError(f"in-plane shape {(ny, nx)} must divide by {bb.stem_pool}")
             ny, nx = ny // bb.stem_pool[1], nx // bb.stem_pool[2]
             if ny % down or nx % down or (ny // down) % gy or (nx // down) % gx:
                 raise ValueError(
