@@ -164,22 +164,18 @@ def eval_one(spec: str, args: argparse.Namespace) -> None:
 
 
 def prefill_cache(train_dir: Path, cache: Path, workers: int) -> None:
-    """Decode every training volume into the shared cache once, before the runs start (they
-    would otherwise all decode the same volumes in their first epoch)."""
-    from concurrent.futures import ProcessPoolExecutor
+    """Decode every training volume (and compute the tiny stem of each) into the shared cache
+    once, before the runs start (they would otherwise all do it in their first epoch)."""
+    from engines.datasets import ManifestDataset
+    from engines.model.stem import HistogramStem
+    from engines.presets import get_preset
 
-    from engines.manifest import read_ctrate
-
-    rows = list(read_ctrate(train_dir, "train"))
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(_cache_one, [(r, str(cache)) for r in rows], chunksize=16))
-
-
-def _cache_one(job: tuple[Any, str]) -> None:
-    from engines.datasets import DecodedVolumeCache
-
-    row, cache = job
-    DecodedVolumeCache(cache).get(row, None)
+    preset = get_preset("tiny")
+    stem = HistogramStem.of_preset(preset.model.backbone, preset.space)
+    ds = ManifestDataset.from_ctrate(
+        train_dir, preset.space, split="train", volume_cache=cache, stem=stem
+    )
+    ds.fill_caches(workers)
 
 
 def shared_text_features(train_dir: Path, path: Path, device: str) -> None:
@@ -295,7 +291,8 @@ def main() -> int:
         log(f"volume cache filled in {stage['prefill_cache']:.0f} s")
     t = time.perf_counter()
     shared = args.out / "text_features.pt"
-    shared_text_features(data["train"], shared, args.device)
+    if not shared.exists():  # a rerun reuses it; train() re-embeds if its texts differ
+        shared_text_features(data["train"], shared, args.device)
     stage["text_features"] = time.perf_counter() - t
     log(f"text features in {stage['text_features']:.0f} s")
     for v in variants:

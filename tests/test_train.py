@@ -313,3 +313,91 @@ def test_batch_split_keeps_snippets_with_their_volume(samples: list[Sample]) -> 
             assert p.snippets[j] in samples[2 * k + vi].snippets
     with pytest.raises(ValueError):
         batch.split(3)
+
+
+# MICRO with the tiny preset's kind of stem: HU ramps averaged over (3, 2, 2) cells.
+STEMMED: Preset = dataclasses.replace(
+    MICRO,
+    model=dataclasses.replace(
+        MICRO.model,
+        backbone=dataclasses.replace(
+            MICRO.model.backbone,
+            input_windows=((-1000.0, -700.0), (-700.0, -100.0), (-100.0, 100.0)),
+            stem_pool=(3, 2, 2),
+            inplane_grid=(2, 2),
+            stem_skip=True,
+        ),
+    ),
+)
+
+
+def test_cached_stem_is_the_stem_of_each_augmented_sample(tmp_path: Path) -> None:
+    """The cache crops a once-computed canvas; that must equal preprocessing each shifted,
+    flipped sample and running the stem on it. The manifest's volumes are 30 x 40 x 40 at
+    4 x 8 x 8 mm, so this goes through cropping and in-plane resampling, not just a copy."""
+    from engines.manifest import load_volume
+    from engines.model.stem import HistogramStem
+    from engines.preprocess import to_model_space
+
+    path = _manifest(tmp_path)
+    stem = HistogramStem.of_preset(STEMMED.model.backbone, STEMMED.space)
+    assert stem is not None and stem.channels == 4
+    ds = open_dataset(
+        path,
+        STEMMED.space,
+        split="train",
+        augment=AugmentConfig(0.5, ("z", "y", "x")),
+        max_shift=(6, 4, 4),
+        volume_cache=tmp_path / "vc",
+        stem=stem,
+    )
+    assert isinstance(ds, ManifestDataset) and ds.stem_cache is not None
+    done: list[int] = []
+    assert ds.fill_caches(2, lambda k, n: done.append(k)) == len(ds) and done[-1] == len(ds)
+    assert len(list(ds.stem_cache.directory.glob("*.npy"))) == len(ds), "one canvas per volume"
+    seen_shift, seen_flip = [False] * 3, [False] * 3
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            shift, flip = ds.augmentation(i)
+            q = ds.stem_cache.quantize(shift)
+            assert all(s % p == 0 for s, p in zip(q, stem.pool, strict=True))
+            row = ds.rows[i]
+            hu = load_volume(row, ds.base_dir).hu
+            affine = np.asarray(row.affine, dtype=np.float64)
+            mi = to_model_space(hu, row.spacing, affine, config=STEMMED.space, shift=q, flip=flip)
+            expected = stem.apply(mi.image[None])[0]
+            got = ds[i]
+            assert got.image.shape == expected.shape == stem.output_shape(STEMMED.space.shape)
+            torch.testing.assert_close(got.image, expected, atol=1e-6, rtol=0)
+            assert torch.equal(got.depth_valid, mi.depth_valid)
+            seen_shift = [a or s != 0 for a, s in zip(seen_shift, q, strict=True)]
+            seen_flip = [a or f for a, f in zip(seen_flip, flip, strict=True)]
+    assert all(seen_shift) and all(seen_flip), (seen_shift, seen_flip)
+    assert ds.provenance()["stem_cache"]["margin"] == [6, 4, 4]
+
+
+def test_training_feeds_cached_stems_to_the_backbone(tmp_path: Path, tower: TextTower) -> None:
+    """With a volume cache, ``train`` hands the CNN its stems instead of volumes, and the model
+    reads both the same way (serving keeps sending volumes)."""
+    from engines.model.vision import CNNBackbone
+
+    path = _manifest(tmp_path)
+    train(
+        STEMMED,
+        path,
+        tmp_path / "run",
+        steps=2,
+        batch=2,
+        seed=0,
+        progress=False,
+        text_tower=tower,
+        volume_cache=tmp_path / "vc",
+    )
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data"]["stem_cache"]["shift"] == "whole cells"
+    assert len(list((tmp_path / "vc").glob("stem-*/*.npy"))) == 2
+    backbone = CNNBackbone(STEMMED.model.backbone, STEMMED.space).eval()
+    x = torch.rand(2, 1, *STEMMED.space.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), backbone(backbone.stem.apply(x)))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.model.stem import HistogramStem
 from engines.presets import (
     CNNBackboneConfig,
     CombinerConfig,
@@ -162,19 +163,14 @@ class CNNBackbone(nn.Module):
         zstrides = [1] * (n - len(factors)) + factors
         if cfg.stage_blocks and len(cfg.stage_blocks) != n:
             raise ValueError(f"stage_blocks {cfg.stage_blocks} must name {n} stages")
-        # Channel k > 0 is clip(x * scale_k + shift_k, 0, 1): the [0, 1] model-space value
-        # re-windowed to input_windows[k - 1] (HU).
-        lo, hi = space.hu_window
-        scale, shift = [1.0], [0.0]
-        for wlo, whi in cfg.input_windows:
-            if not whi > wlo:
-                raise ValueError(f"input window {(wlo, whi)} must be (low, high), high > low")
-            scale.append((hi - lo) / (whi - wlo))
-            shift.append((lo - wlo) / (whi - wlo))
-        self.register_buffer("win_scale", torch.tensor(scale).view(1, -1, 1, 1, 1), False)
-        self.register_buffer("win_shift", torch.tensor(shift).view(1, -1, 1, 1, 1), False)
+        self.stem = HistogramStem.from_config(cfg, space)
+        scale, shift = self.stem.weights()
+        self.register_buffer("win_scale", scale, False)
+        self.register_buffer("win_shift", shift, False)
+        # What a pre-computed stem looks like ([C, z, y, x]); see ``forward``.
+        self.stem_shape = self.stem.output_shape(space.shape)
         stages: list[nn.Module] = []
-        cin = len(scale)
+        cin = self.stem.channels
         for i, (c, sz) in enumerate(zip(cfg.channels, zstrides, strict=True)):
             kz, pz = (3, 1) if sz == 1 else (sz + 2, 1)
             layers: list[nn.Module] = [
@@ -194,19 +190,18 @@ class CNNBackbone(nn.Module):
         if cfg.stem_skip:
             # BatchNorm whatever cfg.norm says: a per-sample norm would take out the absolute
             # tissue fractions that are the point of the skip.
-            self.skip_norm = nn.BatchNorm3d(len(scale))
+            self.skip_norm = nn.BatchNorm3d(self.stem.channels)
             n_z = space.shape[0] // sp[0]
             self.skip_pool = (n_z // space.n_depth_tokens, ny // sp[1] // gy, nx // sp[2] // gx)
         self.out_dim = cfg.out_dim
         self.grid = (space.n_depth_tokens, gy, gx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.win_scale.shape[1] > 1:
-            # One fused pass and an in-place clip (the input needs no gradient): at full
-            # resolution the naive form costs more than the convolutions after it.
-            x = torch.addcmul(self.win_shift, x, self.win_scale).clamp_(0.0, 1.0)
-        if self.cfg.stem_pool != (1, 1, 1):
-            x = F.avg_pool3d(x, kernel_size=self.cfg.stem_pool)
+        """``x``: the model-space volume ``[B, 1, Z, Y, X]``, or its stem ``[B, *stem_shape]``
+        computed beforehand (training caches it per volume; the two cannot be confused, as
+        the stem of a 1-channel unpooled volume is the volume itself)."""
+        if tuple(x.shape[1:]) != self.stem_shape:
+            x = self.stem.apply(x, self.win_scale, self.win_shift)
         f = self.stages(x)  # [B, C, D, fy, fx]
         f = F.avg_pool3d(f, kernel_size=(1, *self.pool))
         if self.skip_norm is not None:
@@ -367,7 +362,11 @@ class VisionTower(nn.Module):
         self, volume: torch.Tensor, depth_valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         expected = (1, *self.space.shape)
-        if not torch.onnx.is_in_onnx_export() and tuple(volume.shape[1:]) != expected:
+        stemmed = getattr(self.backbone, "stem_shape", None)
+        if not torch.onnx.is_in_onnx_export() and tuple(volume.shape[1:]) not in (
+            expected,
+            stemmed,
+        ):
             raise ValueError(f"volume must be [B, {expected}], got {tuple(volume.shape)}")
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = self.combiner(
             self.backbone(volume), depth_valid

@@ -69,6 +69,7 @@ from engines.data.labels import LABELS
 from engines.datasets import (
     Batch,
     DataSpec,
+    ManifestDataset,
     RadFinderDataset,
     TextEncoder,
     collate,
@@ -78,6 +79,7 @@ from engines.datasets import (
 from engines.evaluation.plots import Series, line_chart
 from engines.losses import RadFinderLoss, gather_negatives, positive_weights
 from engines.model.radfinder import PromptEmbeddings, RadFinder, RadFinderOutput, build_model
+from engines.model.stem import HistogramStem
 from engines.model.text import TextTower
 from engines.presets import LossConfig, Preset, get_preset, preset_to_dict
 from engines.training.checkpoint import (
@@ -585,6 +587,7 @@ def train(
     stop_after: int | None = None,
     text_tower: TextTower | None = None,
     volume_cache: str | Path | None = None,
+    cache_stems: bool = True,
     time_budget_s: float | None = None,
 ) -> TrainResult:
     """Train RadFinder and write a run folder.
@@ -598,10 +601,13 @@ def train(
     changing the schedule (for time-boxed jobs; resume later). ``localization=False`` trains
     the ablation without the localization loss; ``ablation`` names one of ``ABLATIONS``.
     ``volume_cache``: a folder where decoded volumes are kept for later epochs
-    (``engines.datasets.DecodedVolumeCache``). ``time_budget_s``: every 20 timed steps, fit
-    the run's length (at most the planned one) to what still fits in that many seconds from
-    the call's start at the recent pace, and the cosine schedule to that length, so a
-    time-boxed run ends at the minimum LR instead of being cut off mid-schedule.
+    (``engines.datasets.DecodedVolumeCache``), and with a CNN backbone's fixed stem also the
+    stem of each volume (``engines.datasets.StemCache``: crop shifts become whole stem cells;
+    ``cache_stems=False`` keeps voxel shifts and recomputes the stem every step).
+    ``time_budget_s``: every 20 timed steps, fit the run's length (at most the planned one) to
+    what still fits in that many seconds from the call's start at the recent pace, and the
+    cosine schedule to that length, so a time-boxed run ends at the minimum LR instead of
+    being cut off mid-schedule.
 
     Writes ``run.json``, ``metrics.jsonl`` (one line per logged step), ``loss_curves.png``,
     ``depth_prior.json`` and ``checkpoints/{step-NNNNNNN,last}.pt``.
@@ -629,7 +635,14 @@ def train(
         seed=seed,
         synthetic_length=max(samples_per_epoch, step_size * world),
         volume_cache=volume_cache,
+        stem=HistogramStem.of_preset(p.model.backbone, p.space) if cache_stems else None,
     )
+    if isinstance(dataset, ManifestDataset) and volume_cache is not None:
+        # Decode (and stem) every volume now, on every core, rather than in the first
+        # epoch's loader workers; counts against the time budget like everything else.
+        fill_workers = max(1, os.cpu_count() or 1) if dev.type == "cpu" else max(1, workers)
+        with Progress(len(dataset), "caches", enabled=progress and main, unit="vol") as bar:
+            dataset.fill_caches(fill_workers, lambda done, n: bar.update(done - bar.n))
     steps_per_epoch = len(dataset) // (step_size * world)
     if steps_per_epoch < 1:
         raise ValueError(
