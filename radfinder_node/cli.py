@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--volume-cache",
         type=Path,
-        help="keep decoded volumes here for later epochs (raw .npy, ~2 bytes per voxel)",
+        help="keep decoded volumes here for later epochs (raw .npy, ~2 bytes per voxel), and "
+        "the tiny backbone's fixed stem of each (2.2x the steps per hour on a CPU)",
     )
     train.add_argument(
         "--time-budget",
