@@ -467,7 +467,8 @@ class StemCache:
         axes = tuple(1 + d for d in range(3) if flip[d])
         if axes:
             out = np.flip(out, axis=axes)
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        # Always a copy: the canvas is a read-only memory map of the cache file.
+        return torch.from_numpy(np.array(out, dtype=np.float32))
 
 
 class ManifestDataset(RadFinderDataset):
