@@ -343,6 +343,10 @@ def volume_identity(row: ManifestRow, base_dir: Path | None) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{row.rescale}"
 
 
+def _cache_file(directory: Path, identity: str) -> Path:
+    return directory / (hashlib.sha1(identity.encode()).hexdigest() + ".npy")
+
+
 def _save_atomic(path: Path, array: npt.NDArray[Any]) -> None:
     """Write to a temporary name and rename, so that data-loader workers filling a cache
     concurrently never read a partial file."""
@@ -370,7 +374,7 @@ class DecodedVolumeCache:
 
     def path(self, identity: str) -> Path:
         """Where the volume of ``identity`` (``volume_identity``) is kept."""
-        return self.directory / (hashlib.sha1(identity.encode()).hexdigest() + ".npy")
+        return _cache_file(self.directory, identity)
 
     def get(self, row: ManifestRow, base_dir: Path | None) -> npt.NDArray[np.float32]:
         path = self.path(volume_identity(row, base_dir))
@@ -408,7 +412,6 @@ class StemCache:
         max_shift: Sequence[int],
     ) -> None:
         self.stem = stem
-        self.space = space
         # The depth margin is also a whole number of depth tokens, so the canvas is a valid
         # model space (the stem pool's depth divides a token).
         unit = (space.slices_per_token, stem.pool[1], stem.pool[2])
@@ -437,7 +440,7 @@ class StemCache:
         return (out[0], out[1], out[2])
 
     def path(self, identity: str) -> Path:
-        return self.directory / (hashlib.sha1(identity.encode()).hexdigest() + ".npy")
+        return _cache_file(self.directory, identity)
 
     def canvas_stem(
         self, identity: str, volume: Callable[[ModelSpaceConfig], torch.Tensor]
