@@ -10,7 +10,7 @@ reports held-out AUCs. A label this gets is visible and a model that fails it is
 learn; a label this misses needs finer structure than a regional histogram (or is invisible).
 
     .venv/bin/python bench/histogram_probe.py --train DIR --test DIR [--grid 4x4x4]
-        [--global] [--n-train 1500] [--n-test 300] [--C 0.05] [--volume-cache DIR]
+        [--global] [--cell-max] [--n-train 1500] [--n-test 300] [--C 0.05] [--volume-cache DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def main() -> int:
     ap.add_argument("--grid", default="4x4x4", help="regions along z, y, x")
     ap.add_argument("--global", dest="global_", action="store_true",
                     help="also fit on the whole-volume histogram (regions averaged)")
+    ap.add_argument("--cell-max", action="store_true",
+                    help="add the per-stem-cell maximum of each ramp, averaged over the regions")
+    ap.add_argument("--train-split", default="train", help="the CT-RATE split --train holds")
     ap.add_argument("--n-train", type=int, default=1500)
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--C", type=float, default=0.05, help="inverse L2 strength")
@@ -65,7 +68,11 @@ def main() -> int:
         for i in range(min(n, len(ds))):
             s = ds[i]
             w = torch.addcmul(stem.win_shift, s.image[None], stem.win_scale).clamp_(0, 1)
-            xs.append(F.adaptive_avg_pool3d(w, grid).flatten().numpy())
+            f = [F.adaptive_avg_pool3d(w, grid).flatten()]
+            if args.cell_max:
+                cells = F.max_pool3d(w, preset.model.backbone.stem_pool)
+                f.append(F.adaptive_avg_pool3d(cells, grid).flatten())
+            xs.append(torch.cat(f).numpy())
             ys.append(s.labels.numpy())
         return np.stack(xs), np.stack(ys)
 
@@ -74,7 +81,7 @@ def main() -> int:
         d = np.load(args.features)
         xtr, ytr, xte, yte = d["xtr"], d["ytr"], d["xte"], d["yte"]
     else:
-        train = open_dataset(args.train, preset.space, split="train",
+        train = open_dataset(args.train, preset.space, split=args.train_split,
                              volume_cache=args.volume_cache)
         test = open_dataset(args.test, preset.space, split="valid",
                             volume_cache=args.volume_cache)
@@ -99,8 +106,9 @@ def main() -> int:
 
     results = {f"regional {args.grid}": fit(xtr, xte)}
     if args.global_:
-        g_tr = xtr.reshape(len(xtr), n_ch, -1).mean(-1)
-        g_te = xte.reshape(len(xte), n_ch, -1).mean(-1)
+        n_f = n_ch * (2 if args.cell_max else 1)
+        g_tr = xtr.reshape(len(xtr), n_f, -1).mean(-1)
+        g_te = xte.reshape(len(xte), n_f, -1).mean(-1)
         results["global"] = fit(g_tr, g_te)
     names = list(results)
     print("| label | prevalence (train) | " + " | ".join(f"AUC, {n}" for n in names) + " |")

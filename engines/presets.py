@@ -133,13 +133,28 @@ class CNNBackboneConfig:
     # effusions and lung opacity at AUC 0.82-0.999 (bench/RESULTS.md); a CNN trained for a
     # CPU hour does not get there on its own, so it is given them and learns the rest.
     stem_skip: bool = False
+    # Input windows (0-based indices into ``input_windows``) whose cell *maximum* is added
+    # beside the cell mean. A 2 mm calcified plaque fills ~1% of a 12 x 10 x 10 mm cell, so
+    # the mean hardly moves; the maximum of the calcium ramp is high in exactly the cells that
+    # hold one (bench/RESULTS.md, histogram probe with cell maxima). No weights, so the stem
+    # stays cacheable.
+    stem_max_windows: tuple[int, ...] = ()
+    # The same for the cell *minimum*: a 5 mm emphysematous hole in normal lung takes the
+    # lowest ramp to ~0 in one voxel and moves the cell mean by a few percent.
+    stem_min_windows: tuple[int, ...] = ()
 
     def blocks(self, stage: int) -> int:
         return self.stage_blocks[stage] if self.stage_blocks else self.blocks_per_stage
 
     @property
     def out_dim(self) -> int:
-        return self.channels[-1] + (1 + len(self.input_windows) if self.stem_skip else 0)
+        return self.channels[-1] + (self.stem_channels if self.stem_skip else 0)
+
+    @property
+    def stem_channels(self) -> int:
+        return (
+            1 + len(self.input_windows) + len(self.stem_max_windows) + len(self.stem_min_windows)
+        )
 
 
 @dataclass(frozen=True)
@@ -345,6 +360,10 @@ TINY: Final = Preset(
             norm="batch",
             stem_pool=(3, 4, 4),
             stem_skip=True,
+            # Cell maxima of the calcium and bone/metal ramps (plaques, calcified nodules,
+            # wires, clips) and the cell minimum of the lowest (emphysematous holes).
+            stem_max_windows=(9, 10),
+            stem_min_windows=(0,),
         ),
         combiner=CombinerConfig(
             embed_dim=96, depth=2, num_heads=4, layer_scale_init=0.0, region_readout=(4, 4, 4)

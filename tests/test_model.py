@@ -225,6 +225,43 @@ def test_input_windows_are_the_model_space_value_rewindowed_in_hu() -> None:
     assert got[1, 2] - got[1, 1] > 3 * (got[0, 2] - got[0, 1])
 
 
+def test_stem_max_and_min_windows_add_each_cells_extremes_of_those_windows() -> None:
+    """A speck that fills one voxel of a cell barely moves the cell mean of its window; the
+    cell maximum (a calcium speck) or minimum (an emphysematous hole) shows it in full, in the
+    cell that holds it and no other."""
+    from engines.model.stem import HistogramStem
+    from engines.model.vision import CNNBackbone
+
+    windows = ((-1000.0, -400.0), (200.0, 600.0))
+    preset = override(SMALL, "model.backbone.input_windows", [list(w) for w in windows])
+    preset = override(preset, "model.backbone.stem_max_windows", [1])
+    preset = override(preset, "model.backbone.stem_min_windows", [0])
+    from_cfg = HistogramStem.from_config(preset.model.backbone, preset.space)
+    assert from_cfg.max_channels == (2,) and from_cfg.min_channels == (1,)
+    assert from_cfg.channels == preset.model.backbone.stem_channels == 5
+    stem = dataclasses.replace(from_cfg, pool=(2, 2, 2))
+    lo, hi = preset.space.hu_window
+    hu = torch.full((1, 1, 4, 4, 4), -850.0)  # lung
+    hu[0, 0, 3, 0, 1] = 1000.0  # one calcium voxel in cell (1, 0, 0)
+    hu[0, 0, 0, 3, 3] = -1000.0  # one hole in cell (0, 1, 1)
+    x = (hu - lo) / (hi - lo)
+    out = stem.apply(x)
+    assert out.shape == (1, 5, 2, 2, 2)
+    torch.testing.assert_close(out[0, 2, 1, 0, 0], torch.tensor(1 / 8))  # the mean: diluted
+    assert out[0, 3, 1, 0, 0] == 1.0 and out[0, 3].sum() == 1.0  # the maximum: that cell only
+    lung = (-850.0 - -1000.0) / 600.0
+    torch.testing.assert_close(out[0, 1, 0, 1, 1], torch.tensor(lung * 7 / 8))
+    assert out[0, 4, 0, 1, 1] == 0.0  # the minimum: the hole's cell is at 0
+    assert torch.all(out[0, 4].flatten().sort().values[1:] > lung - 1e-6)  # the rest: lung
+    plain = HistogramStem(stem.scale, stem.shift, (2, 2, 2))
+    torch.testing.assert_close(out[:, :3], plain.apply(x))
+    with pytest.raises(ValueError, match="max channels"):
+        HistogramStem(stem.scale, stem.shift, (2, 2, 2), (3,))
+    with pytest.raises(ValueError, match="min channels"):
+        HistogramStem(stem.scale, stem.shift, (2, 2, 2), (), (-1,))
+    assert CNNBackbone(preset.model.backbone, preset.space).stages[0][0].in_channels == 5
+
+
 def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() -> None:
     from engines.model.vision import Combiner
 

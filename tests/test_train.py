@@ -315,7 +315,8 @@ def test_batch_split_keeps_snippets_with_their_volume(samples: list[Sample]) -> 
         batch.split(3)
 
 
-# MICRO with the tiny preset's kind of stem: HU ramps averaged over (3, 2, 2) cells.
+# MICRO with the tiny preset's kind of stem: HU ramps averaged over (3, 2, 2) cells, and the
+# cell maximum and minimum of one each.
 STEMMED: Preset = dataclasses.replace(
     MICRO,
     model=dataclasses.replace(
@@ -326,6 +327,8 @@ STEMMED: Preset = dataclasses.replace(
             stem_pool=(3, 2, 2),
             inplane_grid=(2, 2),
             stem_skip=True,
+            stem_max_windows=(2,),
+            stem_min_windows=(0,),
         ),
     ),
 )
@@ -341,7 +344,7 @@ def test_cached_stem_is_the_stem_of_each_augmented_sample(tmp_path: Path) -> Non
 
     path = _manifest(tmp_path)
     stem = HistogramStem.of_preset(STEMMED.model.backbone, STEMMED.space)
-    assert stem is not None and stem.channels == 4
+    assert stem is not None and stem.channels == 6
     ds = open_dataset(
         path,
         STEMMED.space,

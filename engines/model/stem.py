@@ -28,6 +28,18 @@ class HistogramStem:
     scale: tuple[float, ...]
     shift: tuple[float, ...]
     pool: IntTriple
+    # Channels (indices into ``scale``) whose cell maximum, then those whose cell minimum,
+    # follow the cell means.
+    max_channels: tuple[int, ...] = ()
+    min_channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for kind, chans in (("max", self.max_channels), ("min", self.min_channels)):
+            bad = [c for c in chans if not 0 <= c < len(self.scale)]
+            if bad:
+                raise ValueError(
+                    f"{kind} channels {bad} are not among the {len(self.scale)} channels"
+                )
 
     @classmethod
     def from_config(cls, cfg: CNNBackboneConfig, space: ModelSpaceConfig) -> HistogramStem:
@@ -38,7 +50,10 @@ class HistogramStem:
                 raise ValueError(f"input window {(wlo, whi)} must be (low, high), high > low")
             scale.append((hi - lo) / (whi - wlo))
             shift.append((lo - wlo) / (whi - wlo))
-        return cls(tuple(scale), tuple(shift), cfg.stem_pool)
+        # Window k is channel k + 1 (channel 0 is the model-space value itself).
+        max_channels = tuple(k + 1 for k in cfg.stem_max_windows)
+        min_channels = tuple(k + 1 for k in cfg.stem_min_windows)
+        return cls(tuple(scale), tuple(shift), cfg.stem_pool, max_channels, min_channels)
 
     @classmethod
     def of_preset(
@@ -53,7 +68,7 @@ class HistogramStem:
 
     @property
     def channels(self) -> int:
-        return len(self.scale)
+        return len(self.scale) + len(self.max_channels) + len(self.min_channels)
 
     @property
     def is_identity(self) -> bool:
@@ -79,13 +94,27 @@ class HistogramStem:
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[B, 1, Z, Y, X]`` in [0, 1] -> ``[B, C, Z/pz, Y/py, X/px]``."""
-        if self.channels > 1:
+        """``[B, 1, Z, Y, X]`` in [0, 1] -> ``[B, C, Z/pz, Y/py, X/px]``: the cell means of
+        every channel, then the cell maxima of ``max_channels``, then the cell minima of
+        ``min_channels``."""
+        if len(self.scale) > 1:
             if scale is None or shift is None:
                 scale, shift = self.weights(x.device)
             # One fused pass and an in-place clip (the input needs no gradient): at full
             # resolution the naive form costs more than the convolutions after it.
             x = torch.addcmul(shift, x, scale).clamp_(0.0, 1.0)
+        extremes = []
+        if self.max_channels:
+            extremes.append(F.max_pool3d(_channels(x, self.max_channels), self.pool))
+        if self.min_channels:
+            extremes.append(-F.max_pool3d(-_channels(x, self.min_channels), self.pool))
         if self.pool != (1, 1, 1):
             x = F.avg_pool3d(x, kernel_size=self.pool)
-        return x
+        return torch.cat([x, *extremes], dim=1) if extremes else x
+
+
+def _channels(x: torch.Tensor, chans: tuple[int, ...]) -> torch.Tensor:
+    """``x[:, chans]``, as a view where the channels are contiguous (a gather copies every
+    voxel of them)."""
+    c0, c1 = chans[0], chans[-1] + 1
+    return x[:, c0:c1] if chans == tuple(range(c0, c1)) else x[:, list(chans)]
