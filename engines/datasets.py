@@ -424,8 +424,12 @@ class StemCache:
         self.canvas = replace(space, shape=(canvas_shape[0], canvas_shape[1], canvas_shape[2]))
         self.cells = stem.output_shape(space.shape)[1:]
         stem.output_shape(self.canvas.shape)
+        stem_spec: list[Any] = [stem.scale, stem.shift, stem.pool]
+        if stem.max_channels or stem.min_channels:
+            # Only then, so that caches of stems without cell extremes keep their names.
+            stem_spec += [stem.max_channels, stem.min_channels]
         spec = {
-            "stem": [stem.scale, stem.shift, stem.pool],
+            "stem": stem_spec,
             "canvas": [self.canvas.shape, self.canvas.spacing_mm, self.canvas.hu_window],
         }
         tag = hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]
@@ -872,7 +876,9 @@ class TextEncoder:
         """Embed ``texts`` into the cache ahead of training (no-op without a cache)."""
         if self.cache is None:
             return
-        todo = list(dict.fromkeys(texts))
+        # Shortest first, so that each chunk's batches pad little (TextFeatureCache sorts
+        # within a chunk; this sorts across chunks).
+        todo = sorted(dict.fromkeys(texts), key=len)
         step = max(self.cache.batch_size * 4, 1)
         for i in range(0, len(todo), step):
             self.cache(todo[i : i + step])

@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +398,27 @@ def test_text_feature_cache(minilm: TextTower, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="made by"):
         other.load(tmp_path / "c.pt")
+
+
+def test_text_feature_cache_batches_texts_of_like_length(
+    minilm: TextTower, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding is to the longest text of a batch, so short snippets must not share batches
+    with long reports; the features are those of each text embedded alone."""
+    report = "The heart is normal in size. " * 12
+    texts = [report + "A", "No effusion.", report + "B", "Nodule.", report + "C", "Mild."]
+    chunks: list[list[str]] = []
+    embed = minilm.embed
+
+    def recording(batch: Sequence[str]) -> torch.Tensor:
+        chunks.append(list(batch))
+        return embed(batch)
+
+    monkeypatch.setattr(minilm, "embed", recording)
+    got = TextFeatureCache(minilm, batch_size=3)(texts)
+    assert [sorted(len(t) > 100 for t in c) for c in chunks] == [[False] * 3, [True] * 3]
+    alone = torch.cat([embed([t]) for t in texts])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -380,6 +380,25 @@ def test_cached_stem_is_the_stem_of_each_augmented_sample(tmp_path: Path) -> Non
     assert ds.provenance()["stem_cache"]["margin"] == [6, 4, 4]
 
 
+def test_stem_caches_of_different_stems_never_share_a_directory(tmp_path: Path) -> None:
+    """A stem with cell extremes has more channels; reading another stem's canvases would
+    hand the backbone the wrong input."""
+    from engines.datasets import StemCache
+    from engines.model.stem import HistogramStem
+
+    stem = HistogramStem.of_preset(STEMMED.model.backbone, STEMMED.space)
+    assert stem is not None
+    variants = [
+        stem,
+        dataclasses.replace(stem, max_channels=(), min_channels=()),
+        dataclasses.replace(stem, min_channels=()),
+        dataclasses.replace(stem, max_channels=()),
+        dataclasses.replace(stem, pool=(3, 4, 4)),
+    ]
+    dirs = {StemCache(tmp_path, v, STEMMED.space, (6, 4, 4)).directory for v in variants}
+    assert len(dirs) == len(variants)
+
+
 def test_training_feeds_cached_stems_to_the_backbone(tmp_path: Path, tower: TextTower) -> None:
     """With a volume cache, ``train`` hands the CNN its stems instead of volumes, and the model
     reads both the same way (serving keeps sending volumes)."""

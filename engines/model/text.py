@@ -141,6 +141,9 @@ class TextFeatureCache:
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if t not in self._features))
+        # Batches pad to their longest text: a 20-token snippet batched with 350-token reports
+        # costs a report. Group by length (characters track word pieces closely enough).
+        missing.sort(key=len)
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i : i + self.batch_size]
             feats = self.tower.embed(chunk).detach().to("cpu", torch.float32)
