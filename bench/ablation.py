@@ -87,7 +87,9 @@ ALIASES = {
     "prompt_w": "loss.prompt_weight",
     "loc_w": "loss.localization_weight",
     "neck": "model.feature_norm",
-    "windows": "model.backbone.input_windows",
+    "windows": "model.backbone.input_windows",  # clear max_windows/min_windows first
+    "max_windows": "model.backbone.stem_max_windows",
+    "min_windows": "model.backbone.stem_min_windows",
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",

@@ -136,12 +136,19 @@ class CNNBackboneConfig:
     # Input windows (0-based indices into ``input_windows``) whose cell *maximum* is added
     # beside the cell mean. A 2 mm calcified plaque fills ~1% of a 12 x 10 x 10 mm cell, so
     # the mean hardly moves; the maximum of the calcium ramp is high in exactly the cells that
-    # hold one (bench/RESULTS.md, histogram probe with cell maxima). No weights, so the stem
-    # stays cacheable.
+    # hold one (bench/RESULTS.md, "Stem cell extremes"). No weights, so the stem stays
+    # cacheable.
     stem_max_windows: tuple[int, ...] = ()
     # The same for the cell *minimum*: a 5 mm emphysematous hole in normal lung takes the
     # lowest ramp to ~0 in one voxel and moves the cell mean by a few percent.
     stem_min_windows: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.input_windows)
+        for name in ("stem_max_windows", "stem_min_windows"):
+            bad = [k for k in getattr(self, name) if not 0 <= k < n]
+            if bad:
+                raise ValueError(f"{name} {bad} must index the {n} input windows")
 
     def blocks(self, stage: int) -> int:
         return self.stage_blocks[stage] if self.stage_blocks else self.blocks_per_stage

@@ -206,11 +206,19 @@ def test_vit_backbone_variant() -> None:
     assert_every_trainable_param_has_grad(model)
 
 
+def with_windows(preset: Preset, windows: tuple[tuple[float, float], ...]) -> Preset:
+    """``preset`` with other HU windows and no cell extremes (whose indices name windows)."""
+    bb = dataclasses.replace(
+        preset.model.backbone, input_windows=windows, stem_max_windows=(), stem_min_windows=()
+    )
+    return dataclasses.replace(preset, model=dataclasses.replace(preset.model, backbone=bb))
+
+
 def test_input_windows_are_the_model_space_value_rewindowed_in_hu() -> None:
     from engines.model.vision import CNNBackbone
 
     windows = ((-1000.0, -400.0), (-160.0, 240.0), (100.0, 1000.0))
-    preset = override(SMALL, "model.backbone.input_windows", [list(w) for w in windows])
+    preset = with_windows(SMALL, windows)
     assert preset.model.backbone.input_windows == windows
     bb = CNNBackbone(preset.model.backbone, preset.space)
     hu = torch.tensor([-1024.0, -950.0, -850.0, -600.0, -100.0, 0.0, 40.0, 300.0, 900.0, 3000.0])
@@ -234,7 +242,7 @@ def test_stem_max_and_min_windows_add_each_cells_extremes_of_those_windows() -> 
     from engines.model.vision import CNNBackbone
 
     windows = ((-1000.0, -400.0), (200.0, 600.0))
-    preset = override(SMALL, "model.backbone.input_windows", [list(w) for w in windows])
+    preset = with_windows(SMALL, windows)
     preset = override(preset, "model.backbone.stem_max_windows", [1])
     preset = override(preset, "model.backbone.stem_min_windows", [0])
     from_cfg = HistogramStem.from_config(preset.model.backbone, preset.space)
@@ -260,6 +268,9 @@ def test_stem_max_and_min_windows_add_each_cells_extremes_of_those_windows() -> 
         HistogramStem(stem.scale, stem.shift, (2, 2, 2), (3,))
     with pytest.raises(ValueError, match="min channels"):
         HistogramStem(stem.scale, stem.shift, (2, 2, 2), (), (-1,))
+    for k in (-1, 2):  # -1 would silently be the model-space channel
+        with pytest.raises(ValueError, match="stem_min_windows"):
+            override(preset, "model.backbone.stem_min_windows", [k])
     assert CNNBackbone(preset.model.backbone, preset.space).stages[0][0].in_channels == 5
 
 
