@@ -149,7 +149,15 @@ def test_refused_association_gives_failed_results(storescp: StartSCP, tmp_path: 
     destination, out = storescp("--refuse")
     ct = make_ct(tmp_path)
     results = send_datasets(list(ct.paths[:3]), destination, timeout_s=5)
-    _all_failed(results, list(ct.sop_uids[:3]), "association rejected by STORESCP@127.0.0.1")
+    # storescp --refuse closes its socket right after its A-ASSOCIATE-RJ; on a loaded machine
+    # pynetdicom has once (1 CI run in many) seen the close before the RJ and reported an
+    # abort during negotiation. Either way every item must fail with no status and nothing be
+    # stored; the rejection text itself is checked against pynetdicom's deterministic
+    # rejection in test_wrong_called_ae_is_rejected.
+    err = results[0].error or ""
+    phrase = "aborted or timed out" if "aborted" in err else "association rejected"
+    _all_failed(results, list(ct.sop_uids[:3]), phrase)
+    assert "STORESCP@127.0.0.1" in err
     assert list(out.iterdir()) == []
 
 
