@@ -90,6 +90,8 @@ ALIASES = {
     "windows": "model.backbone.input_windows",  # clear max_windows/min_windows first
     "max_windows": "model.backbone.stem_max_windows",
     "min_windows": "model.backbone.stem_min_windows",
+    "skip_extremes": "model.backbone.stem_skip_extremes",
+    "depth_readout": "model.combiner.depth_readout",
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",

@@ -142,6 +142,10 @@ class CNNBackboneConfig:
     # The same for the cell *minimum*: a 5 mm emphysematous hole in normal lung takes the
     # lowest ramp to ~0 in one voxel and moves the cell mean by a few percent.
     stem_min_windows: tuple[int, ...] = ()
+    # Pool the stem's cell maxima into the skip by their maximum and its minima by their
+    # minimum (the means stay means). Averaged over a token's 8 x 8 stem cells, a wire or a
+    # plaque that sets one cell's maximum is diluted 64x again before the combiner sees it.
+    stem_skip_extremes: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.input_windows)
@@ -199,6 +203,11 @@ class CombinerConfig:
     # starts uniform (a mean over all cells, blind to where a finding is), it is
     # position-specific from the first step (bench/RESULTS.md, prompt-path probe).
     region_readout: tuple[int, ...] = ()
+    # A linear readout of each depth's in-plane cells (in place order), added to their mean.
+    # The paper's per-depth feature is the plain mean over the in-plane grid, which dilutes a
+    # finding in one of the 16 cells of a tiny-preset depth by 16x and cannot say where in
+    # the slice it is; the readout starts at zero, so the model begins as the paper's.
+    depth_readout: bool = False
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,38 @@ def test_stem_max_and_min_windows_add_each_cells_extremes_of_those_windows() -> 
     assert CNNBackbone(preset.model.backbone, preset.space).stages[0][0].in_channels == 5
 
 
+def test_skip_extremes_pool_the_cell_maxima_by_max_and_minima_by_min() -> None:
+    """A wire that sets one stem cell's maximum keeps it in its token's skip feature, where
+    the mean over the token's cells would dilute it again."""
+    from engines.model.vision import CNNBackbone
+
+    preset = with_windows(SMALL, ((-1000.0, -400.0), (200.0, 600.0)))
+    preset = override(preset, "model.backbone.stem_max_windows", [1])
+    preset = override(preset, "model.backbone.stem_min_windows", [0])
+    plain = CNNBackbone(preset.model.backbone, preset.space)
+    extremes = CNNBackbone(
+        override(preset, "model.backbone.stem_skip_extremes", True).model.backbone, preset.space
+    )
+    assert plain.skip_pool == extremes.skip_pool == (1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    stem = torch.rand((1, *plain.stem_shape), generator=g)  # [5, 8, 16, 16]
+    stem[0, 3] = 0.1
+    stem[0, 3, 2, 5, 9] = 1.0  # one cell's maximum: token (2, 0, 1)
+    stem[0, 4] = 0.9
+    stem[0, 4, 6, 12, 3] = 0.0  # one cell's minimum: token (6, 1, 0)
+    a, b = plain._pool_skip(stem), extremes._pool_skip(stem)
+    assert a.shape == b.shape == (1, 5, 8, 2, 2)
+    torch.testing.assert_close(a[:, :3], b[:, :3])  # the means stay means
+    torch.testing.assert_close(a[0, 3, 2, 0, 1], torch.tensor(0.1 + 0.9 / 64))
+    assert b[0, 3, 2, 0, 1] == 1.0 and (b[0, 3] == 0.1).sum() == 8 * 4 - 1
+    assert b[0, 4, 6, 1, 0] == 0.0 and (b[0, 4] == 0.9).sum() == 8 * 4 - 1
+    # and the backbone runs on both the volume and its stem with them
+    vol = volume(2, preset.space)
+    torch.testing.assert_close(
+        extremes.eval()(vol), extremes(extremes.stem.apply(vol)), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() -> None:
     from engines.model.vision import Combiner
 
@@ -301,6 +333,42 @@ def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() 
     torch.testing.assert_close(x1[2], x2[2])
     with pytest.raises(ValueError, match="region_readout"):
         Combiner(dataclasses.replace(plain_cfg, region_readout=(3, 1, 1)), 4, grid)
+
+
+def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
+    from engines.model.vision import Combiner
+
+    grid = (3, 2, 2)
+    plain_cfg = CombinerConfig(embed_dim=8, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    plain = Combiner(plain_cfg, 4, grid)
+    torch.manual_seed(0)
+    dr = Combiner(dataclasses.replace(plain_cfg, depth_readout=True), 4, grid)
+    assert dr.depth_readout is not None and dr.depth_readout.in_features == 2 * 2 * 8
+    feats = torch.randn(2, *grid, 4)
+    for a, b in zip(plain(feats), dr(feats), strict=True):
+        torch.testing.assert_close(a, b)  # zero-initialised: the paper's mean at step 0
+    _, _, per_depth = dr(feats)
+    per_depth[:, 1].sum().backward()  # type: ignore[no-untyped-call]
+    grad = dr.depth_readout.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # Swapping two cells of a depth leaves the mean unchanged; the readout sees the swap.
+    with torch.no_grad():
+        dr.blocks = torch.nn.ModuleList()  # no attention: the tokens are the cells' own
+        dr.pos_row.zero_()  # nor in-plane positions (the mean would then see a swap too)
+        dr.pos_col.zero_()
+        swapped = feats.clone()
+        swapped[:, 1, 0, 0], swapped[:, 1, 1, 1] = feats[:, 1, 1, 1], feats[:, 1, 0, 0]
+        dr.depth_readout = None
+        mean_a, mean_b = dr(feats)[2], dr(swapped)[2]
+    torch.testing.assert_close(mean_a, mean_b)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        dr.depth_readout = torch.nn.Linear(2 * 2 * 8, 8)
+        a, b = dr(feats)[2], dr(swapped)[2]
+    assert (a[:, 1] - b[:, 1]).abs().max() > 1e-3
+    torch.testing.assert_close(a[:, 0], b[:, 0])
+    torch.testing.assert_close(a[:, 2], b[:, 2])
 
 
 def test_override_replaces_nested_fields_and_rejects_typos() -> None:

@@ -205,9 +205,21 @@ class CNNBackbone(nn.Module):
         f = self.stages(x)  # [B, C, D, fy, fx]
         f = F.avg_pool3d(f, kernel_size=(1, *self.pool))
         if self.skip_norm is not None:
-            skip = F.avg_pool3d(x, kernel_size=self.skip_pool)
-            f = torch.cat([f, self.skip_norm(skip)], dim=1)
+            f = torch.cat([f, self.skip_norm(self._pool_skip(x))], dim=1)
         return f.permute(0, 2, 3, 4, 1)
+
+    def _pool_skip(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's cells pooled to the token grid: means by their mean and, with
+        ``stem_skip_extremes``, maxima by their maximum and minima by their minimum."""
+        if not self.cfg.stem_skip_extremes:
+            return F.avg_pool3d(x, kernel_size=self.skip_pool)
+        n_mean, n_max = len(self.stem.scale), len(self.stem.max_channels)
+        parts = [F.avg_pool3d(x[:, :n_mean], kernel_size=self.skip_pool)]
+        if n_max:
+            parts.append(F.max_pool3d(x[:, n_mean : n_mean + n_max], self.skip_pool))
+        if self.stem.min_channels:
+            parts.append(-F.max_pool3d(-x[:, n_mean + n_max :], self.skip_pool))
+        return torch.cat(parts, dim=1)
 
 
 class ViTBackbone(nn.Module):
@@ -295,6 +307,11 @@ class Combiner(nn.Module):
             self.readout = nn.Linear(rd * ry * rx * e, 2 * e)
             nn.init.zeros_(self.readout.weight)
             nn.init.zeros_(self.readout.bias)
+        self.depth_readout: nn.Linear | None = None
+        if cfg.depth_readout:
+            self.depth_readout = nn.Linear(gy * gx * e, e)
+            nn.init.zeros_(self.depth_readout.weight)
+            nn.init.zeros_(self.depth_readout.bias)
         self.out_dim = e
 
     def forward(
@@ -322,6 +339,8 @@ class Combiner(nn.Module):
         x = self.norm(x)
         tokens = x[:, 2:]
         per_depth = tokens.reshape(b, d, gy * gx, -1).mean(dim=2)
+        if self.depth_readout is not None:
+            per_depth = per_depth + self.depth_readout(tokens.reshape(b, d, -1))
         cls, local_cls = x[:, 0], x[:, 1]
         if self.readout is not None:
             # Padding depths count as zeros in their region's mean (static shapes for ONNX).
