@@ -407,11 +407,21 @@ def test_probability_is_the_softmax_over_the_prompt_pair() -> None:
 # --- ONNX -----------------------------------------------------------------------------------
 
 
-def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [False, True], ids=["preset", "skip-extremes+depth-readout"])
+def test_onnx_export_matches_torch(tmp_path: Path, options: bool) -> None:
     import onnx
     import onnxruntime as ort  # type: ignore[import-untyped]
 
-    model = small_model(seed=4).eval()
+    preset = SMALL
+    if options:
+        preset = override(preset, "model.backbone.stem_skip_extremes", True)
+        preset = override(preset, "model.combiner.depth_readout", True)
+    model = small_model(preset, seed=4).eval()
+    if options:  # not the zero it starts at, or the readout would not be tested
+        readout = model.vision.combiner.depth_readout
+        assert readout is not None
+        with torch.no_grad():
+            readout.weight.normal_(std=0.05)
     prompts = random_prompts(len(LABELS), 2, model.embed_dim, seed=5)
     path = tmp_path / "vision.onnx"
     names = export_vision_onnx(model, path, prompts=prompts, batch_size=2)

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from engines.bundle import Bundle, export_bundle, load_bundle
 from engines.model import TextTower, build_model
 from engines.model.radfinder import RadFinder, export_vision_onnx
-from engines.presets import PAPER, TINY, Preset, ViTBackboneConfig
+from engines.presets import PAPER, TINY, Preset, ViTBackboneConfig, override
 from engines.runtimes import EngineUnavailable, load_engine
 from engines.runtimes.onnx_ops import MIN_OPSET, TENSORRT_ONNX_OPS, audit_onnx
 from engines.runtimes.tensorrt import (
@@ -82,6 +82,13 @@ def test_bundle_graph_is_tensorrt_ready(bundle: Bundle) -> None:
 
 def test_tiny_preset_graph_is_tensorrt_ready(tmp_path: Path) -> None:
     _assert_tensorrt_ready(_export(TINY, tmp_path / "tiny.onnx"), TINY)
+
+
+def test_tiny_options_graph_is_tensorrt_ready(tmp_path: Path) -> None:
+    """The skip's extreme pooling and the per-depth readout, which the preset leaves off."""
+    preset = override(TINY, "model.backbone.stem_skip_extremes", True)
+    preset = override(preset, "model.combiner.depth_readout", True)
+    _assert_tensorrt_ready(_export(preset, tmp_path / "tiny.onnx"), preset)
 
 
 def _slim_paper() -> Preset:
