@@ -170,3 +170,14 @@ def test_demo_names_an_unknown_finding(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="unknown finding 'Pneumothorax'"):
         run_demo(tmp_path / "out", findings=("Pneumothorax",), say=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_preset_is_the_demo_bundles_own() -> None:
+    """docs/demo-bundle.md says its rebuild commands train this bundle at the current commit;
+    a change to the tiny preset must update the bundle or those docs (and this test)."""
+    from engines.bundle import preset_from_dict
+    from engines.presets import TINY
+
+    with (DEMO_BUNDLE / "bundle.toml").open("rb") as f:
+        recorded = preset_from_dict(tomllib.load(f)["preset"])
+    assert recorded == TINY
