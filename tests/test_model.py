@@ -11,6 +11,7 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from engines.model import (
     export_vision_onnx,
     strip_citations,
 )
+from engines.model.vision import Combiner
 from engines.presets import (
     TINY,
     CombinerConfig,
@@ -306,15 +308,20 @@ def test_skip_extremes_pool_the_cell_maxima_by_max_and_minima_by_min() -> None:
     )
 
 
-def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() -> None:
-    from engines.model.vision import Combiner
+PLAIN_COMBINER = CombinerConfig(embed_dim=8, depth=1, num_heads=2)
 
+
+def combiner_pair(grid: tuple[int, int, int], **options: Any) -> tuple[Combiner, Combiner]:
+    """A small plain combiner and one with ``options``, from the same initial weights."""
+    torch.manual_seed(0)
+    plain = Combiner(PLAIN_COMBINER, 4, grid)
+    torch.manual_seed(0)
+    return plain, Combiner(dataclasses.replace(PLAIN_COMBINER, **options), 4, grid)
+
+
+def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() -> None:
     grid = (4, 2, 2)
-    plain_cfg = CombinerConfig(embed_dim=8, depth=1, num_heads=2)
-    torch.manual_seed(0)
-    plain = Combiner(plain_cfg, 4, grid)
-    torch.manual_seed(0)
-    rr = Combiner(dataclasses.replace(plain_cfg, region_readout=(2, 1, 1)), 4, grid)
+    plain, rr = combiner_pair(grid, region_readout=(2, 1, 1))
     assert rr.readout is not None and rr.readout.in_features == 2 * 8
     feats = torch.randn(3, *grid, 4)
     valid = torch.ones(3, 4, dtype=torch.bool)
@@ -332,18 +339,12 @@ def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() 
         x1, x2 = rr(feats, valid)[0], rr(changed, valid)[0]
     torch.testing.assert_close(x1[2], x2[2])
     with pytest.raises(ValueError, match="region_readout"):
-        Combiner(dataclasses.replace(plain_cfg, region_readout=(3, 1, 1)), 4, grid)
+        Combiner(dataclasses.replace(PLAIN_COMBINER, region_readout=(3, 1, 1)), 4, grid)
 
 
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
-    from engines.model.vision import Combiner
-
     grid = (3, 2, 2)
-    plain_cfg = CombinerConfig(embed_dim=8, depth=1, num_heads=2)
-    torch.manual_seed(0)
-    plain = Combiner(plain_cfg, 4, grid)
-    torch.manual_seed(0)
-    dr = Combiner(dataclasses.replace(plain_cfg, depth_readout=True), 4, grid)
+    plain, dr = combiner_pair(grid, depth_readout=True)
     assert dr.depth_readout is not None and dr.depth_readout.in_features == 2 * 2 * 8
     feats = torch.randn(2, *grid, 4)
     for a, b in zip(plain(feats), dr(feats), strict=True):
