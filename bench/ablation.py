@@ -98,6 +98,24 @@ ALIASES = {
 }
 
 
+def split_variants(spec: str) -> list[str]:
+    """``"full,full:max_windows=(9, 10)"`` -> the variants: commas inside brackets belong to
+    a value (a tuple override), not to the list."""
+    out: list[str] = []
+    depth, cur = 0, ""
+    for ch in spec:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [v for v in [*out, cur] if v]
+
+
 def variant_preset(variant: str) -> tuple[str, Any]:
     """``NAME[:key=value]...`` -> (NAME, the tiny preset with those fields replaced). NAME is
     ``full`` or an ablation; a key is ``section.field`` of the preset (``loss``, ``optim``,
@@ -273,7 +291,7 @@ def main() -> int:
     ap.add_argument("--eval-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    variants = [v for v in args.variants.split(",") if v]
+    variants = split_variants(args.variants)
     if args.train_one:
         train_one(args.train_one, args.root / "train", args.out / args.train_one, args)
         return 0

@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 BUDGET=${BUDGET:-330}
 python3 bench/ablation.py --root /tmp/d --out /tmp/a --n-train 3000 --n-valid 200 --n-test 500 \
   --steps 8000 --batch 16 --device cuda --workers 2 --threads 1 --synth-workers 16 --parallel 6 \
-  --variants "${VARIANTS:-full,full:lr=3e-4,full:max_windows=():min_windows=(),no-localization,no-prompts,clip}" \
+  --variants "${VARIANTS:-full,full:lr=3e-4,full:max_windows=(9,10):min_windows=(0,),no-localization,no-prompts,clip}" \
   --set optim.precision=bf16 --volume-cache /tmp/vc --time-budget "$BUDGET" --log-every 25 \
   --bundle /tmp/bundle 2>&1 | grep -v "Loading weights" | tee "$OUT/ablation.log"
 echo "ablation done after $(( $(date +%s) - T0 )) s"
