@@ -203,7 +203,7 @@ class CombinerConfig:
     # starts uniform (a mean over all cells, blind to where a finding is), it is
     # position-specific from the first step (bench/RESULTS.md, prompt-path probe).
     region_readout: tuple[int, ...] = ()
-    # A linear readout of each depth's in-plane cells (in place order), added to their mean.
+    # A linear readout of each depth's in-plane cells (in grid order), added to their mean.
     # The paper's per-depth feature is the plain mean over the in-plane grid, which dilutes a
     # finding in one of the 16 cells of a tiny-preset depth by 16x and cannot say where in
     # the slice it is; the readout starts at zero, so the model begins as the paper's.
