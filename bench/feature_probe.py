@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from engines.data.labels import LABELS
 from engines.datasets import Batch, TextEncoder, collate, open_dataset
 from engines.evaluation.run import resolve_checkpoint
+from engines.model.radfinder import score_labels
 from engines.training.checkpoint import load_model
 
 FEATURES = ("cls", "local_cls", "mean_depth", "image_local", "image")
@@ -42,17 +43,22 @@ def collect(
     ds = open_dataset(data, preset.space, split="valid", augment=None, seed=1)
     classify, locate = TextEncoder(model, cache=False).prompt_features()
     prompts = model.encode_prompts(classify, locate)
+    classify_ens, locate_ens = prompts.ensemble()
+    # One tower pass per batch: the combiner's outputs are caught on their way to the heads.
+    caught: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    model.vision.register_forward_hook(lambda _m, _i, out: caught.append(out))
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
     labels, probs = [], []
     for b in DataLoader(ds, batch_size=batch, collate_fn=collate):
         assert isinstance(b, Batch)
-        cls, local_cls, per_depth = model.vision(b.image, b.depth_valid)
-        if model.feature_norm is not None:
+        caught.clear()
+        img = model.encode_image(b.image, b.depth_valid)
+        cls, local_cls, per_depth = caught[0]
+        if model.feature_norm is not None:  # as encode_image applies it (eval: fixed affine)
             bn_cls, bn_local, bn_depth = model.feature_norm
             cls, local_cls = bn_cls(cls), bn_local(local_cls)
             per_depth = bn_depth(per_depth.flatten(0, 1)).reshape(per_depth.shape)
         w = b.depth_valid.float()[..., None]
-        img = model.encode_image(b.image, b.depth_valid)
         for name, f in zip(
             FEATURES,
             (cls, local_cls, (per_depth * w).sum(1) / w.sum(1),
@@ -61,7 +67,11 @@ def collect(
             strict=True,
         ):
             feats[name].append(f)
-        probs.append(model.predict(b.image, b.depth_valid, prompts).probabilities)
+        prob, _ = score_labels(
+            img.image_embedding_local, img.depth_embeddings, b.depth_valid, classify_ens,
+            locate_ens, model.logit_scale, model.localization_tau,
+        )
+        probs.append(prob)
         labels.append(b.labels)
     return (
         {k: torch.cat(v).double().numpy() for k, v in feats.items()},

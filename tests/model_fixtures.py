@@ -31,3 +31,13 @@ MICRO: Preset = dataclasses.replace(
     ),
     augment=AugmentConfig(flip_prob=0.0),
 )
+
+
+# The tiny preset's options that are off by default, all on (the stem's cell extremes, their
+# pooling in the skip, the per-depth readout): the graph tests trace them too.
+TINY_OPTIONS_ON: tuple[tuple[str, object], ...] = (
+    ("model.backbone.stem_max_windows", (9, 10)),
+    ("model.backbone.stem_min_windows", (0,)),
+    ("model.backbone.stem_skip_extremes", True),
+    ("model.combiner.depth_readout", True),
+)

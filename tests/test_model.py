@@ -46,6 +46,7 @@ from engines.presets import (
     ViTBackboneConfig,
     override,
 )
+from model_fixtures import TINY_OPTIONS_ON
 from standins import StandInFinding as _Finding
 
 # The tiny preset's architecture on a smaller grid (8 depth tokens of 12 mm), so tests are fast.
@@ -414,9 +415,9 @@ def test_onnx_export_matches_torch(tmp_path: Path, options: bool) -> None:
     import onnxruntime as ort  # type: ignore[import-untyped]
 
     preset = SMALL
-    if options:
-        preset = override(preset, "model.backbone.stem_skip_extremes", True)
-        preset = override(preset, "model.combiner.depth_readout", True)
+    if options:  # the skip's extreme pooling needs extremes in the stem to pool
+        for key, value in TINY_OPTIONS_ON:
+            preset = override(preset, key, value)
     model = small_model(preset, seed=4).eval()
     if options:  # not the zero it starts at, or the readout would not be tested
         readout = model.vision.combiner.depth_readout

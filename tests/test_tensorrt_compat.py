@@ -35,7 +35,7 @@ from engines.runtimes.tensorrt import (
     user_cache_dir,
 )
 from engines.training import save_checkpoint
-from model_fixtures import MICRO
+from model_fixtures import MICRO, TINY_OPTIONS_ON
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 TEXT_DIM = 384  # all-MiniLM-L6-v2; the vision graph only needs the width
@@ -85,9 +85,11 @@ def test_tiny_preset_graph_is_tensorrt_ready(tmp_path: Path) -> None:
 
 
 def test_tiny_options_graph_is_tensorrt_ready(tmp_path: Path) -> None:
-    """The skip's extreme pooling and the per-depth readout, which the preset leaves off."""
-    preset = override(TINY, "model.backbone.stem_skip_extremes", True)
-    preset = override(preset, "model.combiner.depth_readout", True)
+    """The stem's extremes, their pooling in the skip and the per-depth readout, which the
+    preset leaves off."""
+    preset = TINY
+    for key, value in TINY_OPTIONS_ON:
+        preset = override(preset, key, value)
     _assert_tensorrt_ready(_export(preset, tmp_path / "tiny.onnx"), preset)
 
 
