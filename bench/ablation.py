@@ -86,6 +86,7 @@ ALIASES = {
     "siglip_w": "loss.siglip_weight",
     "prompt_w": "loss.prompt_weight",
     "loc_w": "loss.localization_weight",
+    "prompt_text_grad": "loss.prompt_text_grad",
     "neck": "model.feature_norm",
     "windows": "model.backbone.input_windows",  # clear max_windows/min_windows first
     "max_windows": "model.backbone.stem_max_windows",

@@ -317,7 +317,8 @@ class RadFinderLoss(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        pairs = sample_prompt_pairs(prompts.classify, out.image_embedding.shape[0], generator)
+        classify = prompts.classify if self.config.prompt_text_grad else prompts.classify.detach()
+        pairs = sample_prompt_pairs(classify, out.image_embedding.shape[0], generator)
         pw = self.get_buffer("pos_weight") if self.pos_weight is not None else None
         return prompt_loss(
             out.image_embedding_local, pairs, labels, out.logit_scale, out.logit_bias, pw

@@ -272,6 +272,13 @@ class LossConfig:
     localization_tau: float = 0.1
     localization_sigma: float = 2.0
     pos_weight_cap: float = 20.0
+    # Whether the prompt loss trains the text heads (the paper: it does). Off, the prompt pairs
+    # are constants to that loss and only the image side aligns to them (the text heads still
+    # learn from SigLIP and localization). A label the image features do not yet carry is
+    # best fitted by a constant logit difference, which the heads reach by collapsing its
+    # positive and negative prompt onto one point; from there no gradient reaches the image
+    # tower for it (bench/RESULTS.md, "The prompt pairs collapse").
+    prompt_text_grad: bool = True
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,32 @@ def test_radfinder_loss_weights_components() -> None:
     assert parts["prompt"].item() == pytest.approx(pr.item())
     assert parts["localization"].item() == pytest.approx(loc.item())
     assert parts["loss"].item() == pytest.approx(s.item() + 0.5 * pr.item() + 0.004 * loc.item())
+
+
+@pytest.mark.parametrize("text_grad", [True, False])
+def test_prompt_text_grad_decides_whether_the_prompt_loss_moves_the_prompts(
+    text_grad: bool,
+) -> None:
+    torch.manual_seed(0)
+    classify = torch.randn(2, 3, 2, 4, requires_grad=True)
+    image = torch.randn(3, 4, requires_grad=True)
+    out = RadFinderOutput(
+        image_embedding=torch.randn(3, 4),
+        image_embedding_local=image,
+        depth_embeddings=torch.randn(3, 5, 4),
+        depth_valid=torch.ones(3, 5, dtype=torch.bool),
+        logit_scale=torch.tensor(math.log(10.0), requires_grad=True),
+        logit_bias=torch.tensor(-10.0),
+        prompts=PromptEmbeddings(classify, torch.randn(2, 3, 4)),
+    )
+    cfg = LossConfig(siglip_weight=0.0, prompt_weight=1.0, prompt_text_grad=text_grad)
+    labels = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    parts = RadFinderLoss(cfg)(out, labels=labels, generator=torch.Generator().manual_seed(2))
+    pairs = sample_prompt_pairs(classify, 3, torch.Generator().manual_seed(2))
+    want = prompt_loss(image, pairs, labels, out.logit_scale, out.logit_bias)
+    assert parts["prompt"].item() == pytest.approx(want.item())  # the same value either way
+    parts["loss"].backward()  # type: ignore[no-untyped-call]
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert out.logit_scale.grad is not None and out.logit_scale.grad.abs() > 0
+    moved = classify.grad is not None and bool(classify.grad.abs().sum() > 0)
+    assert moved is text_grad
