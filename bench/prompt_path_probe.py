@@ -15,7 +15,12 @@ mean-pooled and (at initialisation) uniformly-attending outputs amount to.
 
 ``F.npz`` is written by ``bench/histogram_probe.py --features``; ``text_features.pt`` by any
 tiny training run (the frozen tower's features of the training texts, used for the text
-standardisation exactly as in training).
+standardisation exactly as in training). The prompt BCE is weighted per label as in training
+(``positive_weights``, cap 20). ``--no-prompt-text-grad`` runs it with the preset's
+``loss.prompt_text_grad`` off; ``--aux-weight W`` adds a supervised linear label head on the
+prompt-scored image embedding. The table at the end gives per label the prompt AUC, the
+cosine between the positive and negative prompt embedding (1: the pair has collapsed, the
+label gets no gradient) and the auxiliary head's AUC.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-prompt-text-grad", dest="text_grad", action="store_false")
+    ap.add_argument("--aux-weight", type=float, default=0.0)
     args = ap.parse_args()
 
     import numpy as np
@@ -44,8 +51,9 @@ def main() -> int:
     import torch.nn.functional as F
     from torch import nn
 
+    from engines.data.labels import LABELS
     from engines.datasets import TextEncoder
-    from engines.losses import RadFinderLoss
+    from engines.losses import RadFinderLoss, positive_weights
     from engines.model.radfinder import build_model
     from engines.presets import get_preset, override
     from engines.training.diagnostics import rank_auc
@@ -77,6 +85,7 @@ def main() -> int:
 
     preset = override(get_preset("tiny"), "loss.siglip_weight", 0.0)
     preset = override(preset, "loss.localization_weight", 0.0)
+    preset = override(preset, "loss.prompt_text_grad", args.text_grad)
     torch.manual_seed(args.seed)
     model = build_model(preset)
     cached = torch.load(args.text_features, weights_only=False)["features"]
@@ -85,9 +94,11 @@ def main() -> int:
     prompt_features = TextEncoder(model, cache=True).prompt_features()
     model.vision = FeatureVision(xtr.shape[1], model.vision.out_dim, model.n_depth_tokens)
     model.text = None
-    loss_fn = RadFinderLoss(preset.loss)
+    pos_weight = positive_weights(ytr.numpy(), cap=preset.loss.pos_weight_cap)
+    loss_fn = RadFinderLoss(preset.loss, pos_weight)
+    aux = nn.Linear(model.embed_dim, ytr.shape[1])
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in model.parameters() if p.requires_grad] + list(aux.parameters()),
         lr=preset.optim.lr,
         weight_decay=preset.optim.weight_decay,
         betas=preset.optim.betas,
@@ -95,30 +106,48 @@ def main() -> int:
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    def held_out_auc() -> tuple[float, float]:
+    def held_out() -> tuple[list[float], list[float], list[float]]:
+        """Per label: prompt AUC, cos(positive, negative prompt), auxiliary head AUC."""
         model.eval()
         with torch.no_grad():
             img = F.normalize(model.encode_image(xte).image_embedding_local, dim=-1)
             classify, _ = model.encode_prompts(*prompt_features).ensemble()
             sim = torch.einsum("bp,lkp->blk", img, classify)
             score = sim[..., 0] - sim[..., 1]
+            aux_score = aux(img)
+            pair_cos = (classify[:, 0] * classify[:, 1]).sum(-1).tolist()
         model.train()
-        aucs = [rank_auc(score[:, j], yte[:, j]) for j in range(yte.shape[1])]
-        known = [a for a in aucs if a is not None]
-        return float(np.mean(known)), float(np.min(known))
+        aucs = [rank_auc(score[:, j], yte[:, j]) or 0.5 for j in range(yte.shape[1])]
+        aux_aucs = [rank_auc(aux_score[:, j], yte[:, j]) or 0.5 for j in range(yte.shape[1])]
+        return aucs, pair_cos, aux_aucs
 
     for step in range(1, args.steps + 1):
         idx = torch.as_tensor(rng.choice(len(xtr), args.batch, replace=False))
         out = model(xtr[idx], prompt_features=prompt_features)
         loss = loss_fn(out, labels=ytr[idx].long(), generator=gen)["loss"]
+        if args.aux_weight > 0:
+            y = ytr[idx]
+            known = y >= 0
+            logit = aux(F.normalize(out.image_embedding_local, dim=-1))
+            w = pos_weight[None].expand_as(y)[known]
+            loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(
+                logit[known], y[known], pos_weight=w
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         if step % max(1, args.steps // 4) == 0 or step == args.steps:
-            macro, worst = held_out_auc()
-            print(f"step {step}: prompt loss {float(loss.detach()):.3f}, held-out macro AUC "
-                  f"{macro:.3f} (min {worst:.2f}), features "
+            aucs, pair_cos, aux_aucs = held_out()
+            print(f"step {step}: loss {float(loss.detach()):.3f}, held-out macro AUC "
+                  f"{np.mean(aucs):.3f} (min {min(aucs):.2f}), features "
                   f"{'global' if args.global_ else 'regional'} {xtr.shape[1]}", flush=True)
+    def aux_col(value: float) -> str:  # an untrained head's AUC means nothing
+        return f"{value:.3f}" if args.aux_weight > 0 else "-"
+
+    print("| label | prompt AUC | cos(pos, neg) | aux head AUC |\n|---|---|---|---|")
+    for label, a, c, x in zip(LABELS, aucs, pair_cos, aux_aucs, strict=True):
+        print(f"| {label} | {a:.3f} | {c:.3f} | {aux_col(x)} |")
+    print(f"| **macro** | **{np.mean(aucs):.3f}** | | {aux_col(float(np.mean(aux_aucs)))} |")
     return 0
 
 

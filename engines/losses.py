@@ -45,6 +45,7 @@ __all__ = [
     "localization_error_mm",
     "localization_loss",
     "localization_predict",
+    "masked_bce",
     "positive_weights",
     "prompt_loss",
     "sample_prompt_pairs",
@@ -164,16 +165,24 @@ def prompt_loss(
         pe = pe.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
     logits = torch.einsum("bp,blkp->blk", x, pe) * logit_scale.exp() + logit_bias
     diff = logits[..., 0] - logits[..., 1]  # [B, L]
-    if labels.shape != diff.shape:
-        raise ValueError(f"labels must be {tuple(diff.shape)}, got {tuple(labels.shape)}")
+    return masked_bce(diff, labels, pos_weight)
+
+
+def masked_bce(
+    logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BCE-with-logits over the known entries (label >= 0) of ``[B, L]``, ``pos_weight [L]``;
+    0 (with a gradient path) when nothing is known."""
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must be {tuple(logits.shape)}, got {tuple(labels.shape)}")
     known = labels >= 0
     if not bool(known.any()):
-        return diff.sum() * 0.0
+        return logits.sum() * 0.0
     pw = None
     if pos_weight is not None:
-        pw = pos_weight.to(diff)[None, :].expand_as(diff)[known]
+        pw = pos_weight.to(logits)[None, :].expand_as(logits)[known]
     return F.binary_cross_entropy_with_logits(
-        diff[known], labels[known].to(diff.dtype), pos_weight=pw
+        logits[known], labels[known].to(logits.dtype), pos_weight=pw
     )
 
 
@@ -289,6 +298,9 @@ class RadFinderLoss(nn.Module):
             )
         if out.prompts is not None and labels is not None and cfg.prompt_weight > 0:
             parts["prompt"] = self._prompt(out, out.prompts, labels, generator)
+        if out.label_logits is not None and labels is not None and cfg.label_head_weight > 0:
+            pw = self.get_buffer("pos_weight") if self.pos_weight is not None else None
+            parts["labels"] = masked_bce(out.label_logits, labels, pw)
         if out.snippet_embedding is not None:
             if snippet_batch_index is None or snippet_target is None:
                 raise ValueError("snippets need snippet_batch_index and snippet_target")
@@ -304,6 +316,7 @@ class RadFinderLoss(nn.Module):
             "siglip": cfg.siglip_weight,
             "prompt": cfg.prompt_weight,
             "localization": cfg.localization_weight,
+            "labels": cfg.label_head_weight,
         }
         total = zero
         for name, value in parts.items():

@@ -279,6 +279,11 @@ class LossConfig:
     # positive and negative prompt onto one point; from there no gradient reaches the image
     # tower for it (bench/RESULTS.md, "The prompt pairs collapse").
     prompt_text_grad: bool = True
+    # Weight of a supervised linear label head on the prompt-scored image embedding (0: no
+    # head, the paper). A training aid only: evaluation and serving score the prompts. It
+    # gives every label a gradient into the image tower from the first step, where the prompt
+    # loss gives one only through a pair the text heads have kept apart.
+    label_head_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from engines.losses import (
     localization_error_mm,
     localization_loss,
     localization_predict,
+    masked_bce,
     positive_weights,
     prompt_loss,
     sample_prompt_pairs,
@@ -301,3 +302,30 @@ def test_prompt_text_grad_decides_whether_the_prompt_loss_moves_the_prompts(
     assert out.logit_scale.grad is not None and out.logit_scale.grad.abs() > 0
     moved = classify.grad is not None and bool(classify.grad.abs().sum() > 0)
     assert moved is text_grad
+
+
+def test_label_head_loss_is_masked_weighted_bce_and_joins_the_total() -> None:
+    logits = t([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.tensor([[1, 0, -1], [0, -1, 1]])
+    pw = t([4.0, 1.0, 2.0])
+    # known: (0,0) y=1 w=4; (0,1) y=0; (1,0) y=0; (1,2) y=1 w=2
+    want = (-4 * logsig(2.0) - logsig(1.0) - logsig(0.0) - 2 * logsig(-2.0)) / 4
+    assert masked_bce(logits, labels, pw).item() == pytest.approx(want, abs=1e-12)
+    assert masked_bce(logits, torch.full((2, 3), -1)).item() == 0.0
+    with pytest.raises(ValueError):
+        masked_bce(logits, labels[:, :2])
+
+    out = RadFinderOutput(
+        image_embedding=torch.randn(2, 4),
+        image_embedding_local=torch.randn(2, 4),
+        depth_embeddings=torch.randn(2, 3, 4),
+        depth_valid=torch.ones(2, 3, dtype=torch.bool),
+        logit_scale=torch.tensor(0.0),
+        logit_bias=torch.tensor(0.0),
+        label_logits=logits,
+    )
+    off = RadFinderLoss(LossConfig(), pw)(out, labels=labels)
+    assert "labels" not in off  # weight 0: the paper's losses only
+    on = RadFinderLoss(LossConfig(label_head_weight=0.5), pw)(out, labels=labels)
+    assert on["labels"].item() == pytest.approx(want, abs=1e-12)
+    assert on["loss"].item() == pytest.approx(0.5 * want, abs=1e-12)

@@ -36,6 +36,7 @@ from engines.presets import (
     TINY,
     AugmentConfig,
     Preset,
+    override,
 )
 from engines.training import DepthPrior, WarmupCosine, load_checkpoint, step_loss_config, train
 from engines.training.loop import StepContext, train_step
@@ -150,12 +151,14 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("label_head_weight", [0.0, 1.0])
 def test_accumulation_with_gathered_embeddings_equals_one_big_batch(
-    tower: TextTower, samples: list[Sample]
+    tower: TextTower, samples: list[Sample], label_head_weight: float
 ) -> None:
     # Exact only without the BN neck: BatchNorm normalises each micro-batch by its own
     # statistics, so a neck makes accumulation an approximation (the paper preset has none).
     preset = dataclasses.replace(MICRO, model=dataclasses.replace(MICRO.model, feature_norm="none"))
+    preset = override(preset, "loss.label_head_weight", label_head_weight)
     torch.manual_seed(0)
     model = build_model(preset, text_tower=tower)
     batch = collate(samples)
@@ -183,7 +186,9 @@ def test_accumulation_with_gathered_embeddings_equals_one_big_batch(
 
     big_losses, big = run(1)
     acc_losses, acc = run(4)
-    for k in ("loss", "siglip", "prompt", "localization"):
+    head = label_head_weight > 0  # the supervised label head joins both paths, or neither
+    assert ("labels" in big_losses) is head and ("label_head.weight" in big) is head
+    for k in ("loss", "siglip", "prompt", "localization", *(["labels"] if head else [])):
         assert acc_losses[k] == pytest.approx(big_losses[k], rel=1e-5, abs=1e-6), k
     assert big.keys() == acc.keys() and len(big) > 10
     for n in big:

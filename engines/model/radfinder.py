@@ -128,6 +128,8 @@ class RadFinderOutput:
     report_embedding: torch.Tensor | None = None
     snippet_embedding: torch.Tensor | None = None
     prompts: PromptEmbeddings | None = None
+    # The supervised label head's logits ``[B, L]`` (a training aid; None without a head).
+    label_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ class RadFinder(nn.Module):
         init_logit_scale: float = math.log(10.0),
         init_logit_bias: float = -10.0,
         localization_tau: float = 0.1,
+        label_head: bool = False,
     ) -> None:
         super().__init__()
         if text_tower is not None and text_tower.hidden_size != text_dim:
@@ -202,6 +205,9 @@ class RadFinder(nn.Module):
         self.image_head_local = copy.deepcopy(self.image_head)
         self.text_head = ProjectionHead(text_dim, config.head)
         self.text_head_local = copy.deepcopy(self.text_head)
+        # Linear label logits from the normalised prompt-scored embedding (LossConfig.
+        # label_head_weight); the space the prompts score, so they can align to its rows.
+        self.label_head = nn.Linear(config.head.output_dim, len(LABELS)) if label_head else None
         self.text = text_tower
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # t'
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # b
@@ -249,6 +255,13 @@ class RadFinder(nn.Module):
         image = self.image_head(torch.cat([cls, mean_depth], dim=1))
         image_local = self.image_head_local(torch.cat([local_cls, mean_depth], dim=1))
         return VisionOutput(image, image_local, depth)
+
+    def label_logits(self, image_embedding_local: torch.Tensor) -> torch.Tensor | None:
+        """The label head's logits ``[B, L]``, or None for a model without one."""
+        if self.label_head is None:
+            return None
+        out: torch.Tensor = self.label_head(F.normalize(image_embedding_local, dim=-1))
+        return out
 
     # --- text ----------------------------------------------------------------------------
 
@@ -337,6 +350,7 @@ class RadFinder(nn.Module):
             if snippet_features is None
             else self.encode_snippets(snippet_features),
             prompts=None if prompt_features is None else self.encode_prompts(*prompt_features),
+            label_logits=self.label_logits(img.image_embedding_local),
         )
 
     def predict(
@@ -475,4 +489,5 @@ def build_model(
         init_logit_scale=preset.loss.init_logit_scale,
         init_logit_bias=preset.loss.init_logit_bias,
         localization_tau=preset.loss.localization_tau,
+        label_head=preset.loss.label_head_weight > 0,
     )

@@ -104,7 +104,7 @@ __all__ = [
 
 _PROMPT_REF_BATCH: Final = 256
 _SALT_ORDER: Final = 0x4F524452
-_LOSS_KEYS: Final = ("loss", "siglip", "prompt", "localization")
+_LOSS_KEYS: Final = ("loss", "siglip", "prompt", "localization", "labels")
 _DIAG_KEYS: Final = ("img_cos", "batch_r1", "prompt_auc")
 
 
@@ -355,6 +355,7 @@ def _losses(
         report_embedding=out.report_embedding.float(),
         snippet_embedding=_float(out.snippet_embedding) if ctx.localization else None,
         prompts=prompts,
+        label_logits=ctx.model.label_logits(out.image_embedding_local.float()),
     )
     losses: Mapping[str, torch.Tensor] = ctx.criterion(
         full,
