@@ -4,7 +4,8 @@ Per label, a 5-fold cross-validated L2 logistic regression on the model's own fe
 held-out set (after the BatchNorm neck: CLS, local CLS, the mean over depths; and the two
 projected image embeddings), beside the model's zero-shot AUC on the same volumes. A label at
 chance zero-shot but high here is a prompt-path failure (the text side or the alignment); a
-label at chance in both was never represented by the image tower.
+label at chance in both was never represented by the image tower. A model trained with the
+supervised label head (``loss.label_head_weight``) also gets that head's AUC.
 
     python bench/feature_probe.py --bundle engines/bundles/demo-tiny --data data/ct/test
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from engines.data.labels import LABELS
 from engines.datasets import Batch, TextEncoder, collate, open_dataset
@@ -34,13 +36,21 @@ FEATURES = ("cls", "local_cls", "mean_depth", "image_local", "image")
 
 @torch.no_grad()
 def collect(
-    bundle: Path, data: Path, batch: int
-) -> tuple[dict[str, npt.NDArray[np.float64]], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """``(features by name [N, F], labels [N, L], zero-shot probabilities [N, L])``."""
+    bundle: Path, data: Path, batch: int, split: str = "valid", limit: int | None = None
+) -> tuple[
+    dict[str, npt.NDArray[np.float64]],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64] | None,
+]:
+    """``(features by name [N, F], labels [N, L], zero-shot probabilities [N, L], the label
+    head's logits [N, L] or None)``."""
     ckpt, _ = resolve_checkpoint(bundle)
     model, preset, _ = load_model(ckpt, device="cpu")
     model.eval()
-    ds = open_dataset(data, preset.space, split="valid", augment=None, seed=1)
+    ds: Any = open_dataset(data, preset.space, split=split, augment=None, seed=1)
+    if limit is not None:
+        ds = Subset(ds, range(min(limit, len(ds))))
     classify, locate = TextEncoder(model, cache=False).prompt_features()
     prompts = model.encode_prompts(classify, locate)
     classify_ens, locate_ens = prompts.ensemble()
@@ -48,7 +58,7 @@ def collect(
     caught: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     model.vision.register_forward_hook(lambda _m, _i, out: caught.append(out))
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
-    labels, probs = [], []
+    labels, probs, head = [], [], []
     for b in DataLoader(ds, batch_size=batch, collate_fn=collate):
         assert isinstance(b, Batch)
         caught.clear()
@@ -73,10 +83,14 @@ def collect(
         )
         probs.append(prob)
         labels.append(b.labels)
+        logits = model.label_logits(img.image_embedding_local)
+        if logits is not None:
+            head.append(logits)
     return (
         {k: torch.cat(v).double().numpy() for k, v in feats.items()},
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(probs).double().numpy(),
+        torch.cat(head).double().numpy() if head else None,
     )
 
 
@@ -93,20 +107,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, required=True, help="bundle, run or checkpoint")
     ap.add_argument("--data", type=Path, required=True, help="held-out CT-RATE-layout folder")
+    ap.add_argument("--split", default="valid", help="the CT-RATE split --data holds")
+    ap.add_argument("--limit", type=int, help="only the first N volumes (e.g. of a train split)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--C", type=float, default=0.1, help="inverse L2 strength")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    feats, labels, probs = collect(args.bundle, args.data, args.batch)
+    feats, labels, probs, head = collect(
+        args.bundle, args.data, args.batch, args.split, args.limit
+    )
     print(f"{len(labels)} volumes; AUC of 5-fold logistic probes (C {args.C}) on each feature")
-    print("| label | prevalence | zero-shot | " + " | ".join(FEATURES) + " |")
-    print("|---" * (3 + len(FEATURES)) + "|")
+    extra = " label head |" if head is not None else ""
+    print("| label | prevalence | zero-shot |" + extra + " " + " | ".join(FEATURES) + " |")
+    print("|---" * (3 + len(FEATURES) + (head is not None)) + "|")
     for j, label in enumerate(LABELS):
         known = labels[:, j] >= 0
         y = labels[known, j]
         zero_shot = roc_auc_score(y, probs[known, j])
         row = [probe_auc(feats[k][known], y, args.C) for k in FEATURES]
+        if head is not None:
+            row.insert(0, float(roc_auc_score(y, head[known, j])))
         print(f"| {label} | {y.mean():.2f} | {zero_shot:.3f} | "
               + " | ".join(f"{a:.3f}" for a in row) + " |")
     return 0
