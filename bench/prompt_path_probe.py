@@ -53,7 +53,7 @@ def main() -> int:
 
     from engines.data.labels import LABELS
     from engines.datasets import TextEncoder
-    from engines.losses import RadFinderLoss, positive_weights
+    from engines.losses import RadFinderLoss, masked_bce, positive_weights
     from engines.model.radfinder import build_model
     from engines.presets import get_preset, override
     from engines.training.diagnostics import rank_auc
@@ -126,13 +126,8 @@ def main() -> int:
         out = model(xtr[idx], prompt_features=prompt_features)
         loss = loss_fn(out, labels=ytr[idx].long(), generator=gen)["loss"]
         if args.aux_weight > 0:
-            y = ytr[idx]
-            known = y >= 0
             logit = aux(F.normalize(out.image_embedding_local, dim=-1))
-            w = pos_weight[None].expand_as(y)[known]
-            loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(
-                logit[known], y[known], pos_weight=w
-            )
+            loss = loss + args.aux_weight * masked_bce(logit, ytr[idx], pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -141,6 +136,7 @@ def main() -> int:
             print(f"step {step}: loss {float(loss.detach()):.3f}, held-out macro AUC "
                   f"{np.mean(aucs):.3f} (min {min(aucs):.2f}), features "
                   f"{'global' if args.global_ else 'regional'} {xtr.shape[1]}", flush=True)
+
     def aux_col(value: float) -> str:  # an untrained head's AUC means nothing
         return f"{value:.3f}" if args.aux_weight > 0 else "-"
 

@@ -128,7 +128,9 @@ class RadFinderOutput:
     report_embedding: torch.Tensor | None = None
     snippet_embedding: torch.Tensor | None = None
     prompts: PromptEmbeddings | None = None
-    # The supervised label head's logits ``[B, L]`` (a training aid; None without a head).
+    # The supervised label head's logits ``[B, L]`` (a training aid; None without a head). Set
+    # where the losses are taken (``RadFinder.label_logits`` of the image embedding), as the
+    # prompts are, so the accumulation step computes them once from its cached embeddings.
     label_logits: torch.Tensor | None = None
 
 
@@ -350,7 +352,6 @@ class RadFinder(nn.Module):
             if snippet_features is None
             else self.encode_snippets(snippet_features),
             prompts=None if prompt_features is None else self.encode_prompts(*prompt_features),
-            label_logits=self.label_logits(img.image_embedding_local),
         )
 
     def predict(
