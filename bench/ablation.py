@@ -94,6 +94,7 @@ ALIASES = {
     "min_windows": "model.backbone.stem_min_windows",
     "skip_extremes": "model.backbone.stem_skip_extremes",
     "depth_readout": "model.combiner.depth_readout",
+    "head_skip": "model.head.skip",
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",

@@ -8,14 +8,19 @@ stem reads medical material at 0.999. This trains, on the training pipeline's ow
 
 - ``regional``: the fixed stem averaged over 4 x 4 x 4 regions, batch-normalised (no tower);
 - ``cls``: the tower's CLS after the model's BatchNorm neck (the features before any head);
+- ``local``: what ``image_head_local`` reads for the prompt-scored embedding, ``[local CLS,
+  mean per-depth feature]`` after the neck (the head's input, so ``local`` against
+  ``embedding`` isolates the head);
 - ``embedding``: the prompt-scored image embedding (neck, ``image_head_local``, L2
   normalisation), times ``--scale`` (the prompt logits carry ``e^t``, 10 at the start);
 
 and prints the held-out AUC per label as it goes. A label that ``cls`` learns and
-``embedding`` does not is lost in the projection head, not in the tower.
+``embedding`` does not is lost in the projection head, not in the tower. ``--set`` changes the
+tiny preset (``--set model.head.skip=true``) to try a head that keeps it.
 
     .venv/bin/python bench/readout_probe.py --train DIR --test DIR --readout cls \
-        [--steps 600] [--eval-every 150] [--n-eval 300] [--volume-cache DIR] [--scale 10]
+        [--steps 600] [--eval-every 150] [--n-eval 300] [--volume-cache DIR] [--scale 10] \
+        [--set model.head.skip=true ...]
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--test", type=Path, required=True)
-    ap.add_argument("--readout", choices=["regional", "cls", "embedding"], required=True)
+    ap.add_argument("--readout", choices=["regional", "cls", "local", "embedding"],
+                    required=True)
     ap.add_argument("--scale", type=float, default=10.0, help="logit scale of 'embedding'")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
@@ -43,6 +49,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--volume-cache", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                    help="override a field of the tiny preset (TOML value), repeatable")
     args = ap.parse_args()
 
     import numpy as np
@@ -56,12 +64,17 @@ def main() -> int:
     from engines.losses import masked_bce, positive_weights
     from engines.model.radfinder import build_model
     from engines.model.stem import HistogramStem
-    from engines.presets import get_preset
+    from engines.presets import get_preset, override
     from engines.training.diagnostics import rank_auc
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    import tomllib
+
     p = get_preset("tiny")
+    for item in args.set:
+        path, _, value = item.partition("=")
+        p = override(p, path, tomllib.loads(f"v = {value}")["v"])
     stem = HistogramStem.of_preset(p.model.backbone, p.space)
     assert stem is not None
     cache = args.volume_cache
@@ -75,8 +88,8 @@ def main() -> int:
         width = stem.channels * 64
         norm: nn.Module = nn.BatchNorm1d(width)
         modules: list[nn.Module] = [norm]
-    elif args.readout == "cls":
-        width = model.vision.out_dim
+    elif args.readout in ("cls", "local"):
+        width = model.vision.out_dim * (1 if args.readout == "cls" else 2)
         modules = [model.vision, *(model.feature_norm or [])]
     else:
         width = model.embed_dim
@@ -96,6 +109,9 @@ def main() -> int:
             if model.feature_norm is not None:
                 cls = model.feature_norm[0](cls)
             return head(cls)  # type: ignore[no-any-return]
+        if args.readout == "local":
+            _, local_cls, _, mean_depth = model.head_inputs(image, valid)
+            return head(torch.cat([local_cls, mean_depth], dim=1))  # type: ignore[no-any-return]
         emb = model.encode_image(image, valid).image_embedding_local
         return head(args.scale * F.normalize(emb, dim=-1))  # type: ignore[no-any-return]
 

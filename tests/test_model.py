@@ -343,6 +343,28 @@ def test_region_readout_starts_as_the_plain_combiner_and_learns_from_step_one() 
         Combiner(dataclasses.replace(PLAIN_COMBINER, region_readout=(3, 1, 1)), 4, grid)
 
 
+def test_head_skip_starts_as_the_paper_head_and_adds_a_linear_path() -> None:
+    from engines.model.radfinder import ProjectionHead
+
+    cfg = HeadConfig(hidden_dim=16, bottleneck_dim=4, output_dim=8, init="fan_in")
+    torch.manual_seed(0)
+    plain = ProjectionHead(6, cfg)
+    torch.manual_seed(0)
+    skip = ProjectionHead(6, dataclasses.replace(cfg, skip=True))
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(plain(x), skip(x))  # zero-initialised: the paper's head
+    assert skip.skip is not None and skip.skip.weight.shape == (8, 6)
+    skip(x).square().sum().backward()  # type: ignore[no-untyped-call]
+    assert skip.skip.weight.grad is not None and skip.skip.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        skip.skip.weight.normal_()
+    torch.testing.assert_close(skip(x), plain(x) + x @ skip.skip.weight.T)
+    # the model's heads all take it (image, local image, text, local text)
+    model = small_model(override(SMALL, "model.head.skip", True))
+    for head in (model.image_head, model.image_head_local, model.text_head, model.text_head_local):
+        assert head.skip is not None
+
+
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
     grid = (3, 2, 2)
     plain, dr = combiner_pair(grid, depth_readout=True)
@@ -419,11 +441,14 @@ def test_onnx_export_matches_torch(tmp_path: Path, options: bool) -> None:
         for key, value in TINY_OPTIONS_ON:
             preset = override(preset, key, value)
     model = small_model(preset, seed=4).eval()
-    if options:  # not the zero it starts at, or the readout would not be tested
+    if options:  # not the zeros they start at, or the readout and skips would not be tested
         readout = model.vision.combiner.depth_readout
         assert readout is not None
+        skips = [model.image_head.skip, model.image_head_local.skip]
         with torch.no_grad():
-            readout.weight.normal_(std=0.05)
+            for layer in (readout, *skips):
+                assert layer is not None
+                layer.weight.normal_(std=0.05)
     prompts = random_prompts(len(LABELS), 2, model.embed_dim, seed=5)
     path = tmp_path / "vision.onnx"
     names = export_vision_onnx(model, path, prompts=prompts, batch_size=2)

@@ -85,8 +85,8 @@ def test_tiny_preset_graph_is_tensorrt_ready(tmp_path: Path) -> None:
 
 
 def test_tiny_options_graph_is_tensorrt_ready(tmp_path: Path) -> None:
-    """The stem's extremes, their pooling in the skip and the per-depth readout, which the
-    preset leaves off."""
+    """The stem's extremes, their pooling in the skip, the per-depth readout and the heads'
+    linear path, which the preset leaves off."""
     preset = TINY
     for key, value in TINY_OPTIONS_ON:
         preset = override(preset, key, value)

@@ -81,11 +81,19 @@ class ProjectionHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.last_weight = nn.Parameter(torch.empty(cfg.output_dim, k))
         nn.init.kaiming_uniform_(self.last_weight, a=math.sqrt(5))
+        # Zero at the start, so a head with the skip starts as the paper's head does.
+        self.skip: nn.Linear | None = None
+        if cfg.skip:
+            self.skip = nn.Linear(in_dim, cfg.output_dim, bias=False)
+            nn.init.zeros_(self.skip.weight)
         self.in_dim = in_dim
         self.out_dim = cfg.output_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.mlp(x), F.normalize(self.last_weight, dim=1))
+        out = F.linear(self.mlp(x), F.normalize(self.last_weight, dim=1))
+        if self.skip is not None:
+            out = out + self.skip(x)
+        return out
 
 
 class VisionOutput(NamedTuple):
@@ -241,22 +249,31 @@ class RadFinder(nn.Module):
             depth_valid = torch.ones(
                 volume.shape[0], self.n_depth_tokens, dtype=torch.bool, device=volume.device
             )
-        cls, local_cls, per_depth = self.vision(volume, depth_valid)
+        cls, local_cls, per_depth, mean_depth = self.head_inputs(volume, depth_valid)
         d = per_depth.shape[1]
+        depth = self.image_head_local(
+            torch.cat([local_cls[:, None].expand(-1, d, -1), per_depth], 2)
+        )
+        image = self.image_head(torch.cat([cls, mean_depth], dim=1))
+        image_local = self.image_head_local(torch.cat([local_cls, mean_depth], dim=1))
+        return VisionOutput(image, image_local, depth)
+
+    def head_inputs(
+        self, volume: torch.Tensor, depth_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tower's features after the neck, as the image heads read them: ``cls [B, E]``,
+        ``local_cls [B, E]``, ``per_depth [B, D, E]`` and their mean over valid depths
+        ``[B, E]``. Separate so probes can read what the heads are given."""
+        cls, local_cls, per_depth = self.vision(volume, depth_valid)
         if self.feature_norm is not None:
             bn_cls, bn_local, bn_depth = self.feature_norm
             cls, local_cls = bn_cls(cls), bn_local(local_cls)
             per_depth = bn_depth(per_depth.reshape(-1, per_depth.shape[-1])).reshape(
                 per_depth.shape
             )
-        depth = self.image_head_local(
-            torch.cat([local_cls[:, None].expand(-1, d, -1), per_depth], 2)
-        )
         w = depth_valid.to(per_depth.dtype)[..., None]
         mean_depth = (per_depth * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-        image = self.image_head(torch.cat([cls, mean_depth], dim=1))
-        image_local = self.image_head_local(torch.cat([local_cls, mean_depth], dim=1))
-        return VisionOutput(image, image_local, depth)
+        return cls, local_cls, per_depth, mean_depth
 
     def label_logits(self, image_embedding_local: torch.Tensor) -> torch.Tensor | None:
         """The label head's logits ``[B, L]``, or None for a model without one."""
