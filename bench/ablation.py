@@ -95,6 +95,7 @@ ALIASES = {
     "skip_extremes": "model.backbone.stem_skip_extremes",
     "depth_readout": "model.combiner.depth_readout",
     "head_skip": "model.head.skip",
+    "depth_mean": "model.embedding_depth_mean",
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",

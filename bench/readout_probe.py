@@ -10,7 +10,7 @@ stem reads medical material at 0.999. This trains, on the training pipeline's ow
 - ``cls``: the tower's CLS after the model's BatchNorm neck (the features before any head);
 - ``local``: what ``image_head_local`` reads for the prompt-scored embedding, ``[local CLS,
   mean per-depth feature]`` after the neck (the head's input, so ``local`` against
-  ``embedding`` isolates the head);
+  ``embedding`` isolates the head); ``local_cls`` and ``mean_depth`` are its two halves;
 - ``embedding``: the prompt-scored image embedding (neck, ``image_head_local``, L2
   normalisation), times ``--scale`` (the prompt logits carry ``e^t``, 10 at the start);
 
@@ -39,8 +39,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--test", type=Path, required=True)
-    ap.add_argument("--readout", choices=["regional", "cls", "local", "embedding"],
-                    required=True)
+    ap.add_argument("--readout", required=True,
+                    choices=["regional", "cls", "local", "local_cls", "mean_depth", "embedding"])
     ap.add_argument("--scale", type=float, default=10.0, help="logit scale of 'embedding'")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
@@ -88,8 +88,8 @@ def main() -> int:
         width = stem.channels * 64
         norm: nn.Module = nn.BatchNorm1d(width)
         modules: list[nn.Module] = [norm]
-    elif args.readout in ("cls", "local"):
-        width = model.vision.out_dim * (1 if args.readout == "cls" else 2)
+    elif args.readout in ("cls", "local", "local_cls", "mean_depth"):
+        width = model.vision.out_dim * (2 if args.readout == "local" else 1)
         modules = [model.vision, *(model.feature_norm or [])]
     else:
         width = model.embed_dim
@@ -109,9 +109,11 @@ def main() -> int:
             if model.feature_norm is not None:
                 cls = model.feature_norm[0](cls)
             return head(cls)  # type: ignore[no-any-return]
-        if args.readout == "local":
+        if args.readout in ("local", "local_cls", "mean_depth"):
             _, local_cls, _, mean_depth = model.head_inputs(image, valid)
-            return head(torch.cat([local_cls, mean_depth], dim=1))  # type: ignore[no-any-return]
+            x = {"local": torch.cat([local_cls, mean_depth], dim=1), "local_cls": local_cls,
+                 "mean_depth": mean_depth}[args.readout]
+            return head(x)  # type: ignore[no-any-return]
         emb = model.encode_image(image, valid).image_embedding_local
         return head(args.scale * F.normalize(emb, dim=-1))  # type: ignore[no-any-return]
 

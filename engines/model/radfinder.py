@@ -254,6 +254,8 @@ class RadFinder(nn.Module):
         depth = self.image_head_local(
             torch.cat([local_cls[:, None].expand(-1, d, -1), per_depth], 2)
         )
+        if not self.config.embedding_depth_mean:
+            mean_depth = torch.zeros_like(mean_depth)
         image = self.image_head(torch.cat([cls, mean_depth], dim=1))
         image_local = self.image_head_local(torch.cat([local_cls, mean_depth], dim=1))
         return VisionOutput(image, image_local, depth)
