@@ -365,6 +365,25 @@ def test_head_skip_starts_as_the_paper_head_and_adds_a_linear_path() -> None:
         assert head.skip is not None
 
 
+def test_embeddings_without_the_depth_mean_read_only_the_cls_tokens() -> None:
+    paper = small_model(SMALL, seed=3).eval()
+    cls_only = small_model(override(SMALL, "model.embedding_depth_mean", False), seed=3).eval()
+    cls_only.load_state_dict(paper.state_dict())  # same weights: only the option differs
+    x = volume(2, seed=4)
+    valid = torch.ones(2, paper.n_depth_tokens, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = paper.encode_image(x, valid), cls_only.encode_image(x, valid)
+        cls, local_cls, _, mean_depth = paper.head_inputs(x, valid)
+        zero = torch.zeros_like(mean_depth)
+        want_global = paper.image_head(torch.cat([cls, zero], dim=1))
+        want_local = paper.image_head_local(torch.cat([local_cls, zero], dim=1))
+    assert mean_depth.abs().max() > 0.1  # the paper's embeddings do read it
+    torch.testing.assert_close(b.image_embedding, want_global)
+    torch.testing.assert_close(b.image_embedding_local, want_local)
+    assert not torch.allclose(a.image_embedding_local, b.image_embedding_local)
+    torch.testing.assert_close(a.depth_embeddings, b.depth_embeddings)  # per depth: unchanged
+
+
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
     grid = (3, 2, 2)
     plain, dr = combiner_pair(grid, depth_readout=True)

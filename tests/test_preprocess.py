@@ -15,9 +15,11 @@ from engines.presets import (
     PRESETS,
     ModelSpaceConfig,
     get_preset,
+    override,
     preset_from_dict,
     preset_to_dict,
 )
+from model_fixtures import TINY_OPTIONS_ON
 
 # --- presets --------------------------------------------------------------------------------
 
@@ -59,6 +61,10 @@ def test_tiny_preset_is_small_and_frozen() -> None:
 def test_preset_dict_round_trip(name: str) -> None:
     p = get_preset(name)
     assert preset_from_dict(preset_to_dict(p)) == p
+    if p.model.backbone.kind == "cnn":  # the options tiny leaves off survive bundle.toml too
+        for key, value in TINY_OPTIONS_ON:
+            p = override(p, key, value)
+        assert preset_from_dict(preset_to_dict(p)) == p
     with pytest.raises(ValueError, match="unknown keys"):
         preset_from_dict({**preset_to_dict(p), "space": {"spacing_mm": [1, 1, 1], "typo": 1}})
     with pytest.raises(KeyError):
