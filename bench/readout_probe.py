@@ -11,12 +11,15 @@ stem reads medical material at 0.999. This trains, on the training pipeline's ow
 - ``local``: what ``image_head_local`` reads for the prompt-scored embedding, ``[local CLS,
   mean per-depth feature]`` after the neck (the head's input, so ``local`` against
   ``embedding`` isolates the head); ``local_cls`` and ``mean_depth`` are its two halves;
+  ``local_detach`` is ``local`` with no gradient into the tower through the depth mean;
 - ``embedding``: the prompt-scored image embedding (neck, ``image_head_local``, L2
   normalisation), times ``--scale`` (the prompt logits carry ``e^t``, 10 at the start);
 
 and prints the held-out AUC per label as it goes. A label that ``cls`` learns and
-``embedding`` does not is lost in the projection head, not in the tower. ``--set`` changes the
-tiny preset (``--set model.head.skip=true``) to try a head that keeps it.
+``embedding`` does not is lost between the tower and the shared space; ``local`` against
+``embedding`` says whether in the head or in its input (it was the input: the depth mean beside
+the CLS token, bench/RESULTS.md "Where the small findings are lost"). ``--set`` changes the tiny
+preset (``--set model.head.skip=true``) to try a remedy.
 
     .venv/bin/python bench/readout_probe.py --train DIR --test DIR --readout cls \
         [--steps 600] [--eval-every 150] [--n-eval 300] [--volume-cache DIR] [--scale 10] \
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +44,8 @@ def main() -> int:
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--test", type=Path, required=True)
     ap.add_argument("--readout", required=True,
-                    choices=["regional", "cls", "local", "local_cls", "mean_depth", "embedding"])
+                    choices=["regional", "cls", "local", "local_detach", "local_cls",
+                             "mean_depth", "embedding"])
     ap.add_argument("--scale", type=float, default=10.0, help="logit scale of 'embedding'")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
@@ -69,8 +74,6 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    import tomllib
-
     p = get_preset("tiny")
     for item in args.set:
         path, _, value = item.partition("=")
@@ -88,8 +91,8 @@ def main() -> int:
         width = stem.channels * 64
         norm: nn.Module = nn.BatchNorm1d(width)
         modules: list[nn.Module] = [norm]
-    elif args.readout in ("cls", "local", "local_cls", "mean_depth"):
-        width = model.vision.out_dim * (2 if args.readout == "local" else 1)
+    elif args.readout in ("cls", "local", "local_detach", "local_cls", "mean_depth"):
+        width = model.vision.out_dim * (2 if args.readout in ("local", "local_detach") else 1)
         modules = [model.vision, *(model.feature_norm or [])]
     else:
         width = model.embed_dim
@@ -109,9 +112,10 @@ def main() -> int:
             if model.feature_norm is not None:
                 cls = model.feature_norm[0](cls)
             return head(cls)  # type: ignore[no-any-return]
-        if args.readout in ("local", "local_cls", "mean_depth"):
+        if args.readout in ("local", "local_detach", "local_cls", "mean_depth"):
             _, local_cls, _, mean_depth = model.head_inputs(image, valid)
             x = {"local": torch.cat([local_cls, mean_depth], dim=1), "local_cls": local_cls,
+                 "local_detach": torch.cat([local_cls, mean_depth.detach()], dim=1),
                  "mean_depth": mean_depth}[args.readout]
             return head(x)  # type: ignore[no-any-return]
         emb = model.encode_image(image, valid).image_embedding_local

@@ -225,10 +225,11 @@ class HeadConfig:
     # biases outweigh the input-dependent part and every input maps to one embedding.
     init: Literal["0.02", "fan_in"] = "0.02"
     # A linear path from the head's input straight to its output (zero-initialised, added to
-    # the MLP's), which the paper's head has not. In the tiny head the 64-d bottleneck lost
-    # what the tower's features carried: a linear readout of the tower's CLS learns medical
-    # material to AUC 0.94-1.00 under supervision, the same supervision through the head
-    # 0.48-0.58 (bench/RESULTS.md, "The prompt pairs collapse").
+    # the MLP's), which the paper's head has not. Added to test whether the tiny head's 64-d
+    # bottleneck loses the small findings; it does not: supervised through the head with the
+    # skip, medical material read 0.579, without it 0.517-0.58, and a linear readout of the
+    # head's input itself 0.556 (bench/RESULTS.md, "Where the small findings are lost").
+    # Off; the loss is in the head's input (``ModelConfig.embedding_depth_mean``).
     skip: bool = False
 
 
@@ -262,7 +263,12 @@ class ModelConfig:
     # after the neck), so those embeddings read the CLS tokens only; the per-depth embeddings
     # keep [local CLS, that depth's feature]. Under direct supervision (bench/readout_probe.py,
     # 600 steps) a linear readout of a CLS token alone learned medical material to 0.89-1.00
-    # in three runs, the same readout with the depth mean beside it 0.48-0.58 in five.
+    # in three runs, the same readout with the depth mean beside it 0.48-0.58 in five; but the
+    # depth mean carries the diffuse lung labels. At the demo bundle's length (5,481 steps)
+    # CLS-only embeddings were worse: macro AUC 0.664 [0.649, 0.678] against 0.685, medical
+    # material 0.577 against 0.489, interlobular septal thickening 0.746 against 0.889,
+    # T->I R@10 0.128 against 0.148 (bench/RESULTS.md, "Where the small findings are lost").
+    # So the paper's input stays.
     embedding_depth_mean: bool = True
 
 
