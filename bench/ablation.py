@@ -96,6 +96,7 @@ ALIASES = {
     "depth_readout": "model.combiner.depth_readout",
     "head_skip": "model.head.skip",
     "depth_mean": "model.embedding_depth_mean",
+    "depth_mean_grad": "model.prompt_depth_mean_grad",
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",

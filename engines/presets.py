@@ -270,6 +270,13 @@ class ModelConfig:
     # T->I R@10 0.128 against 0.148 (bench/RESULTS.md, "Where the small findings are lost").
     # So the paper's input stays.
     embedding_depth_mean: bool = True
+    # False: the depth mean still enters the prompt-scored embedding, but the prompt loss sends
+    # no gradient into the tower through it (only through the local CLS); the global embedding
+    # and the per-depth embeddings are untouched. In bench/readout_probe.py this let the local
+    # CLS learn medical material (0.988) while the depth mean was still read (macro 0.622,
+    # lung opacity 0.739), where with the gradient it was 0.556 ("Where the small findings
+    # are lost"). Not yet run in the full objective.
+    prompt_depth_mean_grad: bool = True
 
 
 @dataclass(frozen=True)
@@ -495,6 +502,7 @@ def preset_from_dict(data: Mapping[str, Any]) -> Preset:
             text=_build(TextConfig, model["text"]),
             feature_norm=model.get("feature_norm", "none"),
             embedding_depth_mean=bool(model.get("embedding_depth_mean", True)),
+            prompt_depth_mean_grad=bool(model.get("prompt_depth_mean_grad", True)),
         ),
         loss=_build(LossConfig, data.get("loss", {})),
         optim=_build(OptimConfig, data.get("optim", {})),

@@ -43,4 +43,5 @@ TINY_OPTIONS_ON: tuple[tuple[str, object], ...] = (
     ("model.combiner.depth_readout", True),
     ("model.head.skip", True),
     ("model.embedding_depth_mean", False),
+    ("model.prompt_depth_mean_grad", False),
 )

@@ -384,6 +384,24 @@ def test_embeddings_without_the_depth_mean_read_only_the_cls_tokens() -> None:
     torch.testing.assert_close(a.depth_embeddings, b.depth_embeddings)  # per depth: unchanged
 
 
+def test_prompt_depth_mean_without_gradient_reads_it_but_trains_only_the_cls_route() -> None:
+    def grads(preset: Preset) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        model = small_model(preset, seed=5)
+        assert model.feature_norm is not None
+        out = model.encode_image(volume(2, seed=6))
+        out.image_embedding_local.square().sum().backward()  # type: ignore[no-untyped-call]
+        bn_local, bn_depth = model.feature_norm[1], model.feature_norm[2]
+        return out.image_embedding_local.detach(), bn_local.weight.grad, bn_depth.weight.grad
+
+    paper_out, paper_local, paper_depth = grads(SMALL)
+    out, local, depth = grads(override(SMALL, "model.prompt_depth_mean_grad", False))
+    torch.testing.assert_close(out, paper_out)  # the same embedding
+    assert paper_depth is not None and paper_depth.abs().sum() > 0
+    assert depth is None or depth.abs().sum() == 0  # no gradient through the depth mean
+    assert local is not None and paper_local is not None
+    torch.testing.assert_close(local, paper_local)  # the CLS route is untouched
+
+
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
     grid = (3, 2, 2)
     plain, dr = combiner_pair(grid, depth_readout=True)

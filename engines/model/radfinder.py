@@ -257,7 +257,8 @@ class RadFinder(nn.Module):
         if not self.config.embedding_depth_mean:
             mean_depth = torch.zeros_like(mean_depth)
         image = self.image_head(torch.cat([cls, mean_depth], dim=1))
-        image_local = self.image_head_local(torch.cat([local_cls, mean_depth], dim=1))
+        local_mean = mean_depth if self.config.prompt_depth_mean_grad else mean_depth.detach()
+        image_local = self.image_head_local(torch.cat([local_cls, local_mean], dim=1))
         return VisionOutput(image, image_local, depth)
 
     def head_inputs(
