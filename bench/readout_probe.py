@@ -39,6 +39,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# Readouts of the tower's features after the neck (``RadFinder.head_inputs``).
+NECK_READOUTS = ("cls", "local", "local_detach", "local_cls", "mean_depth")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=Path, required=True)
@@ -91,7 +95,7 @@ def main() -> int:
         width = stem.channels * 64
         norm: nn.Module = nn.BatchNorm1d(width)
         modules: list[nn.Module] = [norm]
-    elif args.readout in ("cls", "local", "local_detach", "local_cls", "mean_depth"):
+    elif args.readout in NECK_READOUTS:
         width = model.vision.out_dim * (2 if args.readout in ("local", "local_detach") else 1)
         modules = [model.vision, *(model.feature_norm or [])]
     else:
@@ -107,16 +111,13 @@ def main() -> int:
         if args.readout == "regional":
             x = image if image.shape[1] != 1 else stem.apply(image)
             return head(norm(F.adaptive_avg_pool3d(x, 4).flatten(1)))  # type: ignore[no-any-return]
-        if args.readout == "cls":
-            cls, _, _ = model.vision(image, valid)
-            if model.feature_norm is not None:
-                cls = model.feature_norm[0](cls)
-            return head(cls)  # type: ignore[no-any-return]
-        if args.readout in ("local", "local_detach", "local_cls", "mean_depth"):
-            _, local_cls, _, mean_depth = model.head_inputs(image, valid)
-            x = {"local": torch.cat([local_cls, mean_depth], dim=1), "local_cls": local_cls,
-                 "local_detach": torch.cat([local_cls, mean_depth.detach()], dim=1),
-                 "mean_depth": mean_depth}[args.readout]
+        if args.readout in NECK_READOUTS:
+            cls, local_cls, _, mean_depth = model.head_inputs(image, valid)
+            if args.readout in ("local", "local_detach"):
+                m = mean_depth if args.readout == "local" else mean_depth.detach()
+                x = torch.cat([local_cls, m], dim=1)
+            else:
+                x = {"cls": cls, "local_cls": local_cls, "mean_depth": mean_depth}[args.readout]
             return head(x)  # type: ignore[no-any-return]
         emb = model.encode_image(image, valid).image_embedding_local
         return head(args.scale * F.normalize(emb, dim=-1))  # type: ignore[no-any-return]

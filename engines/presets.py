@@ -313,8 +313,9 @@ class LossConfig:
     # gives every label a gradient into the image tower from the first step, where the prompt
     # loss gives one only through a pair the text heads have kept apart. At 1 over the demo's
     # 5,481 steps it was no better (macro 0.674 vs 0.685) and did not fit medical material
-    # even on its training volumes: what it reads, the projection head's output, is where
-    # those labels are lost (bench/RESULTS.md, same section).
+    # even on its training volumes: it reads the projection head's output, and those labels
+    # are lost before it, where the depth mean's gradient joins the CLS route into the head
+    # (bench/RESULTS.md, "Where the small findings are lost").
     label_head_weight: float = 0.0
 
 
