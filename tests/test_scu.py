@@ -249,6 +249,39 @@ def test_no_store_starts_after_the_deadline(tmp_path: Path) -> None:
     assert answered == [ct.sop_uids[0]]
 
 
+def test_a_slow_response_waits_for_the_dimse_timeout_not_the_network_one(tmp_path: Path) -> None:
+    """A peer slower to answer than ``timeout_s`` but within ``dimse_timeout_s`` stores fine.
+
+    ``timeout_s`` is also pynetdicom's network (idle) timeout; this pins that the wait for a
+    response is bounded by the DIMSE timeout alone (pynetdicom pauses its idle check during a
+    DIMSE exchange), so a PACS writing to a slow disk is not aborted as dead.
+    """
+    ct = make_ct(tmp_path)
+
+    def on_store(event: evt.Event) -> int:
+        time.sleep(1.5)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None  # None only when blocking
+    try:
+        results = send_datasets(
+            list(ct.paths[:1]),
+            Destination("PACS", "127.0.0.1", port),
+            timeout_s=0.5,
+            dimse_timeout_s=10,
+        )
+    finally:
+        server.shutdown()
+    assert [r.ok for r in results] == [True], results[0].error
+    assert results[0].status == 0x0000
+
+
 def test_destination_parse() -> None:
     assert Destination.parse("ORTHANC@127.0.0.1:4242") == Destination("ORTHANC", "127.0.0.1", 4242)
     assert Destination.parse(" PACS@pacs.example.org:104 ").host == "pacs.example.org"
