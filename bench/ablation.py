@@ -88,6 +88,7 @@ ALIASES = {
     "loc_w": "loss.localization_weight",
     "prompt_text_grad": "loss.prompt_text_grad",
     "label_w": "loss.label_head_weight",
+    "label_in": "loss.label_head_input",
     "neck": "model.feature_norm",
     "windows": "model.backbone.input_windows",  # clear max_windows/min_windows first
     "max_windows": "model.backbone.stem_max_windows",

@@ -83,7 +83,7 @@ def collect(
         )
         probs.append(prob)
         labels.append(b.labels)
-        logits = model.label_logits(img.image_embedding_local)
+        logits = model.label_logits(img.label_input)
         if logits is not None:
             head.append(logits)
     return (

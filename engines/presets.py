@@ -317,6 +317,14 @@ class LossConfig:
     # are lost before it, where the depth mean's gradient joins the CLS route into the head
     # (bench/RESULTS.md, "Where the small findings are lost").
     label_head_weight: float = 0.0
+    # What the label head reads: "embedding" (the normalised prompt-scored embedding, above)
+    # or "neck" (the prompt-scored head's input after the BN neck, ``[local CLS, depth mean]``,
+    # with the depth mean detached). Under supervision alone a linear layer there learned
+    # medical material at 0.988 where the embedding did not (0.55, with or without the depth
+    # mean's gradient or the head's skip): it trains the tower's local CLS to carry the small
+    # findings directly, and the prompts must then find them through the head
+    # (bench/RESULTS.md, "Supervising the tower's neck").
+    label_head_input: Literal["embedding", "neck"] = "embedding"
 
 
 @dataclass(frozen=True)

@@ -402,6 +402,39 @@ def test_prompt_depth_mean_without_gradient_reads_it_but_trains_only_the_cls_rou
     torch.testing.assert_close(local, paper_local)  # the CLS route is untouched
 
 
+@pytest.mark.parametrize("where", ["embedding", "neck"])
+def test_label_head_reads_the_embedding_or_the_neck_without_the_depth_means_gradient(
+    where: str,
+) -> None:
+    torch.manual_seed(5)
+    model = RadFinder(
+        SMALL.model, SMALL.space, text_dim=TEXT_DIM, label_head=True, label_head_input=where
+    )
+    assert model.label_head is not None and model.feature_norm is not None
+    x = volume(2, seed=6)
+    valid = torch.ones(2, model.n_depth_tokens, dtype=torch.bool)
+    out = model.encode_image(x, valid)
+    logits = model.label_logits(out.label_input)
+    assert logits is not None and logits.shape == (2, len(LABELS))
+    with torch.no_grad():
+        _, local_cls, _, mean_depth = model.head_inputs(x, valid)
+        if where == "neck":
+            want = model.label_head(torch.cat([local_cls, mean_depth], dim=1))
+        else:
+            want = model.label_head(F.normalize(out.image_embedding_local, dim=-1))
+    torch.testing.assert_close(logits, want)
+    logits.square().sum().backward()  # type: ignore[no-untyped-call]
+    bn_local, bn_depth = model.feature_norm[1], model.feature_norm[2]
+    assert bn_local.weight.grad is not None and bn_local.weight.grad.abs().sum() > 0
+    depth_grad = bn_depth.weight.grad
+    if where == "neck":  # the depth mean is read but not trained through, nor is any head
+        assert depth_grad is None or depth_grad.abs().sum() == 0
+        assert model.image_head_local.last_weight.grad is None
+    else:
+        assert depth_grad is not None and depth_grad.abs().sum() > 0
+    assert small_model(SMALL, seed=5).encode_image(x, valid).label_input is None  # no head
+
+
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
     grid = (3, 2, 2)
     plain, dr = combiner_pair(grid, depth_readout=True)

@@ -151,14 +151,18 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("label_head_weight", [0.0, 1.0])
+@pytest.mark.parametrize(
+    ("label_head_weight", "label_head_input"),
+    [(0.0, "embedding"), (1.0, "embedding"), (1.0, "neck")],
+)
 def test_accumulation_with_gathered_embeddings_equals_one_big_batch(
-    tower: TextTower, samples: list[Sample], label_head_weight: float
+    tower: TextTower, samples: list[Sample], label_head_weight: float, label_head_input: str
 ) -> None:
     # Exact only without the BN neck: BatchNorm normalises each micro-batch by its own
     # statistics, so a neck makes accumulation an approximation (the paper preset has none).
     preset = dataclasses.replace(MICRO, model=dataclasses.replace(MICRO.model, feature_norm="none"))
     preset = override(preset, "loss.label_head_weight", label_head_weight)
+    preset = override(preset, "loss.label_head_input", label_head_input)
     torch.manual_seed(0)
     model = build_model(preset, text_tower=tower)
     batch = collate(samples)

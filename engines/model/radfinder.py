@@ -102,6 +102,8 @@ class VisionOutput(NamedTuple):
     image_embedding: torch.Tensor
     image_embedding_local: torch.Tensor
     depth_embeddings: torch.Tensor
+    # What the supervised label head reads (``RadFinder.label_logits``); None without one.
+    label_input: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,10 @@ class RadFinderOutput:
     report_embedding: torch.Tensor | None = None
     snippet_embedding: torch.Tensor | None = None
     prompts: PromptEmbeddings | None = None
-    # The supervised label head's logits ``[B, L]`` (a training aid; None without a head). Set
-    # where the losses are taken (``RadFinder.label_logits`` of the image embedding), as the
-    # prompts are, so the accumulation step computes them once from its cached embeddings.
+    # The supervised label head's input (``VisionOutput.label_input``; None without a head),
+    # cached with the embeddings by the accumulation step, and its logits ``[B, L]``, set where
+    # the losses are taken (``RadFinder.label_logits``), as the prompts are.
+    label_input: torch.Tensor | None = None
     label_logits: torch.Tensor | None = None
 
 
@@ -198,6 +201,7 @@ class RadFinder(nn.Module):
         init_logit_bias: float = -10.0,
         localization_tau: float = 0.1,
         label_head: bool = False,
+        label_head_input: str = "embedding",
     ) -> None:
         super().__init__()
         if text_tower is not None and text_tower.hidden_size != text_dim:
@@ -215,9 +219,14 @@ class RadFinder(nn.Module):
         self.image_head_local = copy.deepcopy(self.image_head)
         self.text_head = ProjectionHead(text_dim, config.head)
         self.text_head_local = copy.deepcopy(self.text_head)
-        # Linear label logits from the normalised prompt-scored embedding (LossConfig.
-        # label_head_weight); the space the prompts score, so they can align to its rows.
-        self.label_head = nn.Linear(config.head.output_dim, len(LABELS)) if label_head else None
+        # Linear label logits (LossConfig.label_head_weight) from the normalised prompt-scored
+        # embedding, the space the prompts score, or from the neck ("neck": the prompt-scored
+        # head's input, its depth mean detached; LossConfig.label_head_input).
+        if label_head_input not in ("embedding", "neck"):
+            raise ValueError(f"label_head_input: embedding or neck, not {label_head_input!r}")
+        self.label_head_input = label_head_input
+        label_dim = config.head.output_dim if label_head_input == "embedding" else vision_dim
+        self.label_head = nn.Linear(label_dim, len(LABELS)) if label_head else None
         self.text = text_tower
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # t'
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))  # b
@@ -259,7 +268,14 @@ class RadFinder(nn.Module):
         image = self.image_head(torch.cat([cls, mean_depth], dim=1))
         local_mean = mean_depth if self.config.prompt_depth_mean_grad else mean_depth.detach()
         image_local = self.image_head_local(torch.cat([local_cls, local_mean], dim=1))
-        return VisionOutput(image, image_local, depth)
+        label_input: torch.Tensor | None = None
+        if self.label_head is not None:
+            label_input = (
+                image_local
+                if self.label_head_input == "embedding"
+                else torch.cat([local_cls, mean_depth.detach()], dim=1)
+            )
+        return VisionOutput(image, image_local, depth, label_input)
 
     def head_inputs(
         self, volume: torch.Tensor, depth_valid: torch.Tensor
@@ -278,11 +294,14 @@ class RadFinder(nn.Module):
         mean_depth = (per_depth * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
         return cls, local_cls, per_depth, mean_depth
 
-    def label_logits(self, image_embedding_local: torch.Tensor) -> torch.Tensor | None:
-        """The label head's logits ``[B, L]``, or None for a model without one."""
-        if self.label_head is None:
+    def label_logits(self, label_input: torch.Tensor | None) -> torch.Tensor | None:
+        """The label head's logits ``[B, L]`` from ``VisionOutput.label_input``, or None for a
+        model without a head."""
+        if self.label_head is None or label_input is None:
             return None
-        out: torch.Tensor = self.label_head(F.normalize(image_embedding_local, dim=-1))
+        if self.label_head_input == "embedding":
+            label_input = F.normalize(label_input, dim=-1)
+        out: torch.Tensor = self.label_head(label_input)
         return out
 
     # --- text ----------------------------------------------------------------------------
@@ -365,6 +384,7 @@ class RadFinder(nn.Module):
             depth_valid=depth_valid.to(torch.bool),
             logit_scale=self.logit_scale,
             logit_bias=self.logit_bias,
+            label_input=img.label_input,
             report_embedding=None
             if report_features is None
             else self.encode_reports(report_features),
@@ -511,4 +531,5 @@ def build_model(
         init_logit_bias=preset.loss.init_logit_bias,
         localization_tau=preset.loss.localization_tau,
         label_head=preset.loss.label_head_weight > 0,
+        label_head_input=preset.loss.label_head_input,
     )

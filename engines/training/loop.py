@@ -305,6 +305,7 @@ _EMB_FIELDS: Final = (
     "depth_embeddings",
     "report_embedding",
     "snippet_embedding",
+    "label_input",
 )
 
 
@@ -355,7 +356,7 @@ def _losses(
         report_embedding=out.report_embedding.float(),
         snippet_embedding=_float(out.snippet_embedding) if ctx.localization else None,
         prompts=prompts,
-        label_logits=ctx.model.label_logits(out.image_embedding_local.float()),
+        label_logits=ctx.model.label_logits(_float(out.label_input)),
     )
     losses: Mapping[str, torch.Tensor] = ctx.criterion(
         full,
@@ -427,6 +428,7 @@ def train_step(ctx: StepContext, batch: Batch, accum: int) -> dict[str, float]:
         logit_bias=model.logit_bias,
         report_embedding=leaves["report_embedding"],
         snippet_embedding=leaves.get("snippet_embedding"),
+        label_input=leaves.get("label_input"),
     )
     prompts = model.encode_prompts(*ctx.prompts(grad=True))
     losses = _losses(
