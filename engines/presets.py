@@ -308,14 +308,12 @@ class LossConfig:
     # AUC 0.585 vs 0.586 at 1,500 steps): the collapse follows from the embedding not
     # carrying the label (bench/RESULTS.md, "The prompt pairs collapse").
     prompt_text_grad: bool = True
-    # Weight of a supervised linear label head on the prompt-scored image embedding (0: no
-    # head, the paper). A training aid only: evaluation and serving score the prompts. It
-    # gives every label a gradient into the image tower from the first step, where the prompt
-    # loss gives one only through a pair the text heads have kept apart. At 1 over the demo's
-    # 5,481 steps it was no better (macro 0.674 vs 0.685) and did not fit medical material
-    # even on its training volumes: it reads the projection head's output, and those labels
-    # are lost before it, where the depth mean's gradient joins the CLS route into the head
-    # (bench/RESULTS.md, "Where the small findings are lost").
+    # Weight of a supervised linear label head (0: no head, the paper). A training aid only:
+    # evaluation and serving score the prompts. It gives every label a gradient into the
+    # image tower from the first step, where the prompt loss gives one only through a pair the
+    # text heads have kept apart. On the prompt-scored embedding, at 1 over the demo's 5,481
+    # steps, it was no better (macro 0.674 vs 0.685) and did not fit medical material even on
+    # its training volumes; on the neck (``label_head_input``) it is what the tiny preset uses.
     label_head_weight: float = 0.0
     # What the label head reads: "embedding" (the normalised prompt-scored embedding, above)
     # or "neck" (the prompt-scored head's input after the BN neck, ``[local CLS, depth mean]``,
@@ -447,8 +445,17 @@ TINY: Final = Preset(
     # B = 16, where the loss starts balanced. The paper's -10 suits its 4096-pair batches; at
     # B = 16 it starts every positive pair near log 2 loss, and an AdamW step moves b by about
     # lr = 1e-3, so a CPU hour of ~500 steps would end with b still near -10.
+    # A supervised linear label head on the neck (local CLS beside the detached depth mean) as a
+    # training aid: the tower then learns the findings the prompt path alone never did (medical
+    # material 0.489 -> 1.000 at the demo's 5,481 steps; macro AUC 0.685 -> 0.724, T->I R@10
+    # 0.148 -> 0.202; bench/RESULTS.md, "Supervising the tower's neck"). Evaluation and
+    # serving still score the prompts; the head is not in the ONNX graph.
     loss=LossConfig(
-        prompt_weight=1.0, localization_weight=1.0, init_logit_bias=-math.log(16 - 1)
+        prompt_weight=1.0,
+        localization_weight=1.0,
+        init_logit_bias=-math.log(16 - 1),
+        label_head_weight=1.0,
+        label_head_input="neck",
     ),
     # 16 per step: SigLIP needs negatives; the CPU hour affords about 600 such steps.
     optim=OptimConfig(
