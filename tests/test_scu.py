@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -218,13 +219,12 @@ def test_abort_mid_batch_fails_the_rest(storescp: StartSCP, tmp_path: Path) -> N
     assert not any(r.ambiguous for r in results[1:])
 
 
-def test_no_store_starts_after_the_deadline(tmp_path: Path) -> None:
-    """Objects whose C-STORE would start after ``deadline`` come back untried, not failed."""
-    ct = make_ct(tmp_path)
-    answered: list[str] = []
+@contextmanager
+def slow_pacs(delay_s: float, answered: list[str]) -> Iterator[Destination]:
+    """A pynetdicom Storage SCP on loopback that answers each C-STORE after ``delay_s``."""
 
     def on_store(event: evt.Event) -> int:
-        time.sleep(1.0)
+        time.sleep(delay_s)
         answered.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
         return 0x0000
 
@@ -236,12 +236,18 @@ def test_no_store_starts_after_the_deadline(tmp_path: Path) -> None:
     )
     assert server is not None  # None only when blocking
     try:
-        deadline = time.monotonic() + 0.6  # room to connect
-        results = send_datasets(
-            list(ct.paths[:3]), Destination("PACS", "127.0.0.1", port), deadline=deadline
-        )
+        yield Destination("PACS", "127.0.0.1", port)
     finally:
         server.shutdown()
+
+
+def test_no_store_starts_after_the_deadline(tmp_path: Path) -> None:
+    """Objects whose C-STORE would start after ``deadline`` come back untried, not failed."""
+    ct = make_ct(tmp_path)
+    answered: list[str] = []
+    with slow_pacs(1.0, answered) as pacs:
+        deadline = time.monotonic() + 0.6  # room to connect
+        results = send_datasets(list(ct.paths[:3]), pacs, deadline=deadline)
     assert results[0].ok and results[0].attempted  # started before the deadline
     for r in results[1:]:
         assert not r.ok and not r.attempted and not r.ambiguous and r.status is None
@@ -257,27 +263,8 @@ def test_a_slow_response_waits_for_the_dimse_timeout_not_the_network_one(tmp_pat
     DIMSE exchange), so a PACS writing to a slow disk is not aborted as dead.
     """
     ct = make_ct(tmp_path)
-
-    def on_store(event: evt.Event) -> int:
-        time.sleep(1.5)
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = StoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    assert server is not None  # None only when blocking
-    try:
-        results = send_datasets(
-            list(ct.paths[:1]),
-            Destination("PACS", "127.0.0.1", port),
-            timeout_s=0.5,
-            dimse_timeout_s=10,
-        )
-    finally:
-        server.shutdown()
+    with slow_pacs(1.5, []) as pacs:
+        results = send_datasets(list(ct.paths[:1]), pacs, timeout_s=0.5, dimse_timeout_s=10)
     assert [r.ok for r in results] == [True], results[0].error
     assert results[0].status == 0x0000
 
