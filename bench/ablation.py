@@ -95,6 +95,7 @@ ALIASES = {
     "min_windows": "model.backbone.stem_min_windows",
     "skip_extremes": "model.backbone.stem_skip_extremes",
     "depth_readout": "model.combiner.depth_readout",
+    "input_readout": "model.combiner.input_readout",
     "head_skip": "model.head.skip",
     "depth_mean": "model.embedding_depth_mean",
     "depth_mean_grad": "model.prompt_depth_mean_grad",

@@ -208,6 +208,14 @@ class CombinerConfig:
     # finding in one of the 16 cells of a tiny-preset depth by 16x and cannot say where in
     # the slice it is; the readout starts at zero, so the model begins as the paper's.
     depth_readout: bool = False
+    # A linear readout of the combiner's *input* (the backbone's tokens, with the stem skip's
+    # cell histograms when ``stem_skip``) averaged over the ``region_readout`` regions, added
+    # to both CLS outputs. Zero-initialised. A logistic regression on exactly such regional
+    # histograms reads hiatal hernia at 0.82 (bench/RESULTS.md, histogram probe) where the
+    # trained tower, even on its own training volumes, reads it at 0.65: the path from the
+    # skip to the CLS tokens through the transformer and its LayerNorm does not learn it, this
+    # one is linear from the start. Needs ``region_readout``.
+    input_readout: bool = False
 
 
 @dataclass(frozen=True)

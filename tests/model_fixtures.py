@@ -34,13 +34,14 @@ MICRO: Preset = dataclasses.replace(
 
 
 # The tiny preset's options that are off by default, all on (the stem's cell extremes, their
-# pooling in the skip, the per-depth readout, the heads' linear path, CLS-only embeddings):
-# the graph tests trace them too.
+# pooling in the skip, the per-depth and input readouts, the heads' linear path, CLS-only
+# embeddings): the graph tests trace them too.
 TINY_OPTIONS_ON: tuple[tuple[str, object], ...] = (
     ("model.backbone.stem_max_windows", (9, 10)),
     ("model.backbone.stem_min_windows", (0,)),
     ("model.backbone.stem_skip_extremes", True),
     ("model.combiner.depth_readout", True),
+    ("model.combiner.input_readout", True),
     ("model.head.skip", True),
     ("model.embedding_depth_mean", False),
     ("model.prompt_depth_mean_grad", False),

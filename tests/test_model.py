@@ -435,6 +435,41 @@ def test_label_head_reads_the_embedding_or_the_neck_without_the_depth_means_grad
     assert small_model(SMALL, seed=5).encode_image(x, valid).label_input is None  # no head
 
 
+def test_input_readout_reads_the_regions_of_the_combiners_input_linearly() -> None:
+    grid = (4, 2, 2)
+    _, rr = combiner_pair(grid, region_readout=(2, 1, 1))
+    torch.manual_seed(0)
+    ir = Combiner(
+        dataclasses.replace(PLAIN_COMBINER, region_readout=(2, 1, 1), input_readout=True), 4, grid
+    )
+    assert ir.input_readout is not None and ir.input_readout.in_features == 2 * 4
+    feats = torch.randn(3, *grid, 4)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2, 3] = False
+    for a, b in zip(rr(feats, valid), ir(feats, valid), strict=True):
+        torch.testing.assert_close(a, b)  # zero-initialised: the region-readout combiner
+    cls, local, _ = ir(feats, valid)
+    (cls.sum() + local.sum()).backward()  # type: ignore[no-untyped-call]
+    grad = ir.input_readout.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # With the transformer's own outputs taken out, CLS is exactly a linear map of the two
+    # regions' input means (padding depths counting as zeros): what a logistic probe reads.
+    with torch.no_grad():
+        ir.input_readout.weight.normal_()
+        ir.input_readout.bias.zero_()
+        base, _, _ = ir(torch.zeros_like(feats), valid)
+        cls, _, _ = ir(feats, valid)
+        masked = feats * valid[:, :, None, None, None]
+        regions = masked.reshape(3, 2, 2 * 2 * 2, 4).mean(dim=2)  # [B, region, C]
+        w = ir.input_readout.weight[:8]  # the CLS half, [E, C * region] (channel-major)
+        want = regions.transpose(1, 2).reshape(3, -1) @ w.T
+        # the readout's part is what changes with the input beyond the transformer's
+        with_tokens = cls - base - (rr(feats, valid)[0] - rr(torch.zeros_like(feats), valid)[0])
+    torch.testing.assert_close(with_tokens, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs region_readout"):
+        Combiner(dataclasses.replace(PLAIN_COMBINER, input_readout=True), 4, grid)
+
+
 def test_depth_readout_starts_as_the_mean_and_tells_where_in_the_slice() -> None:
     grid = (3, 2, 2)
     plain, dr = combiner_pair(grid, depth_readout=True)

@@ -307,6 +307,13 @@ class Combiner(nn.Module):
             self.readout = nn.Linear(rd * ry * rx * e, 2 * e)
             nn.init.zeros_(self.readout.weight)
             nn.init.zeros_(self.readout.bias)
+        self.input_readout: nn.Linear | None = None
+        if cfg.input_readout:
+            if not cfg.region_readout:
+                raise ValueError("input_readout needs region_readout (its regions)")
+            self.input_readout = nn.Linear(rd * ry * rx * in_dim, 2 * e)
+            nn.init.zeros_(self.input_readout.weight)
+            nn.init.zeros_(self.input_readout.bias)
         self.depth_readout: nn.Linear | None = None
         if cfg.depth_readout:
             self.depth_readout = nn.Linear(gy * gx * e, e)
@@ -342,15 +349,23 @@ class Combiner(nn.Module):
         if self.depth_readout is not None:
             per_depth = per_depth + self.depth_readout(tokens.reshape(b, d, -1))
         cls, local_cls = x[:, 0], x[:, 1]
-        if self.readout is not None:
-            # Padding depths count as zeros in their region's mean (static shapes for ONNX).
-            if key_valid is not None:
-                tokens = tokens * key_valid[:, 2:, None].to(tokens.dtype)
-            grid_tokens = tokens.reshape(b, d, gy, gx, -1).permute(0, 4, 1, 2, 3)
-            regions = F.avg_pool3d(grid_tokens, kernel_size=self.region_pool).flatten(1)
-            extra_cls, extra_local = self.readout(regions).chunk(2, dim=-1)
-            cls, local_cls = cls + extra_cls, local_cls + extra_local
+        for readout, source in ((self.readout, tokens), (self.input_readout, feats)):
+            if readout is not None:
+                extra_cls, extra_local = readout(self._regions(source, key_valid)).chunk(2, -1)
+                cls, local_cls = cls + extra_cls, local_cls + extra_local
         return cls, local_cls, per_depth
+
+    def _regions(self, cells: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """``[B, D*Gy*Gx, C]`` or ``[B, D, Gy, Gx, C]`` -> ``[B, regions * C]``, the means
+        over ``region_readout`` regions, flattened channel-major."""
+        b = cells.shape[0]
+        d, gy, gx = self.grid
+        cells = cells.reshape(b, d * gy * gx, -1)
+        # Padding depths count as zeros in their region's mean (static shapes for ONNX).
+        if key_valid is not None:
+            cells = cells * key_valid[:, 2:, None].to(cells.dtype)
+        grid_cells = cells.reshape(b, d, gy, gx, -1).permute(0, 4, 1, 2, 3)
+        return F.avg_pool3d(grid_cells, kernel_size=self.region_pool).flatten(1)
 
 
 class VisionTower(nn.Module):
