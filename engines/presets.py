@@ -214,7 +214,10 @@ class CombinerConfig:
     # histograms reads hiatal hernia at 0.82 (bench/RESULTS.md, histogram probe) where the
     # trained tower, even on its own training volumes, reads it at 0.65: the path from the
     # skip to the CLS tokens through the transformer and its LayerNorm does not learn it, this
-    # one is linear from the start. Needs ``region_readout``.
+    # one is linear from the start. Needs ``region_readout``. Off: at 1,500 steps (seed 1) the
+    # tiny preset with it read hernia at 0.467 against 0.494 without, macro AUC 0.591 against
+    # 0.605 (bench/RESULTS.md, "A linear readout of the combiner's input"), so the path's
+    # shape is not what keeps hernia unlearned.
     input_readout: bool = False
 
 
