@@ -19,8 +19,11 @@ A finding with a few voxels above noise but ``cell z`` below ~1 is visible to a 
 detector and lost by the stem's averaging; one with ``voxels`` near zero is below the
 resolution itself.
 
-    .venv/bin/python bench/visibility.py [--preset tiny] [--seeds 6] [--normals 16]
-        [--labels 1,4,9] [--json OUT]
+    .venv/bin/python bench/visibility.py [--seeds 6] [--normals 16] [--labels 1,4,9]
+        [--set model.backbone.stem_pool=(1,2,2)] [--json OUT]
+
+``--set`` changes the tiny preset as ``bench/ablation.py`` variants do, so a finer stem (or
+another grid) can be judged for visibility before it costs a training run.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from engines.data.labels import LABELS  # noqa: E402
 from engines.data.phantoms import Phantom, PhantomConfig, generate_phantom  # noqa: E402
 from engines.model.stem import HistogramStem  # noqa: E402
 from engines.preprocess import to_model_space  # noqa: E402
-from engines.presets import CNNBackboneConfig, Preset, get_preset  # noqa: E402
+from engines.presets import CNNBackboneConfig, Preset  # noqa: E402
 
 F32 = npt.NDArray[np.float32]
 # Normal patients and finding pairs use disjoint seeds so that the spread is not measured on
@@ -132,16 +135,19 @@ def measure(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a tiny-preset override, as bench/ablation.py variants take")
     ap.add_argument("--seeds", type=int, default=6, help="patients per label")
     ap.add_argument("--normals", type=int, default=16,
                     help="normal patients for the between-patient spread")
     ap.add_argument("--labels", default="", help="label indices (comma separated); all if empty")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    preset = get_preset(args.preset)
+    from ablation import variant_preset
+
+    _, preset = variant_preset(":".join(["full", *args.set]))
     if not isinstance(preset.model.backbone, CNNBackboneConfig):
-        raise SystemExit(f"preset {args.preset!r} has no HU-ramp stem to measure cells with")
+        raise SystemExit("this preset has no HU-ramp stem to measure cells with")
     stem = HistogramStem.from_config(preset.model.backbone, preset.space)
     config = PhantomConfig(threads=1)
     torch.set_num_threads(1)
@@ -178,7 +184,7 @@ def main() -> int:
               f"{r['cells']:.0f} | {r['cell_z']:.2f} | {r['region_z']:.2f} |", flush=True)
     print(f"medians over {args.seeds} patients per label; {time.perf_counter() - t0:.0f} s in all")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "background_cell_z": bg,
+        args.json.write_text(json.dumps({"set": args.set, "background_cell_z": bg,
                                          "labels": out}, indent=2))
     return 0
 
