@@ -98,9 +98,22 @@ def background_z(stack: F32, floor: float, q: float) -> float:
     return float(np.median(out))
 
 
+def normal_of(
+    seeds: list[int], preset: Preset, stem: HistogramStem, config: PhantomConfig
+) -> dict[int, tuple[torch.Tensor, F32]]:
+    """Each pair's finding-free half (model volume and stem cells), drawn once per seed: it is
+    the same patient for every label."""
+    out = {}
+    for seed in seeds:
+        x = model_volume(generate_phantom(preset.space.shape, preset.space.spacing_mm,
+                                          seed=seed, labels=[], config=config), preset)
+        out[seed] = (x, stem_cells(x, stem))
+    return out
+
+
 def measure(
     label: str,
-    seeds: list[int],
+    normal: dict[int, tuple[torch.Tensor, F32]],
     preset: Preset,
     stem: HistogramStem,
     cell_sd: F32,
@@ -111,17 +124,15 @@ def measure(
     whose centre falls outside the field of view, so a pair would then differ by nothing)."""
     hu_range = preset.space.hu_window[1] - preset.space.hu_window[0]
     rows: list[dict[str, float]] = []
-    for seed in seeds:
+    for seed, (xb, cb) in normal.items():
         with_f = generate_phantom(preset.space.shape, preset.space.spacing_mm, seed=seed,
                                   labels=[label], config=config)
-        without = generate_phantom(preset.space.shape, preset.space.spacing_mm, seed=seed,
-                                   labels=[], config=config)
         if with_f.finding(label) is None:
             continue  # dropped: centre outside the field of view
-        xa, xb = model_volume(with_f, preset), model_volume(without, preset)
+        xa = model_volume(with_f, preset)
         sigma = float(with_f.patient["noise_sigma_hu"])
         d_hu = (xa - xb).abs()[0, 0].numpy() * hu_range
-        ca, cb = stem_cells(xa, stem), stem_cells(xb, stem)
+        ca = stem_cells(xa, stem)
         dz_cell = np.abs(ca - cb) / cell_sd
         dz_region = np.abs(regions(ca) - regions(cb)) / region_sd
         rows.append({
@@ -174,12 +185,12 @@ def main() -> int:
           f"p99.9 {bg[0.999]:.2f} (of {cell_stack[0].size} cell-channels)", flush=True)
 
     picks = [int(v) for v in args.labels.split(",")] if args.labels else range(len(LABELS))
-    seeds = [PAIR_SEED0 + i for i in range(args.seeds)]
+    normal = normal_of([PAIR_SEED0 + i for i in range(args.seeds)], preset, stem, config)
     out = []
     print("| label | voxels >= 3 sigma | peak / sigma | cells moved > 1 sd | cell z | region z |")
     print("|---|---|---|---|---|---|")
     for li in picks:
-        r = measure(LABELS[li], seeds, preset, stem, cell_sd, region_sd, config)
+        r = measure(LABELS[li], normal, preset, stem, cell_sd, region_sd, config)
         out.append(r)
         if not r["n"]:
             print(f"| {r['label']} | (dropped in every patient) | | | | |", flush=True)
