@@ -58,6 +58,9 @@ F32 = npt.NDArray[np.float32]
 NORMAL_SEED0 = 50_000
 PAIR_SEED0 = 60_000
 REGIONS = (4, 4, 4)
+# Floors of the between-patient spread (see ``spread``), in stem-channel units.
+CELL_FLOOR = 0.01
+REGION_FLOOR = 0.001
 
 
 def model_volume(ph: Phantom, preset: Preset) -> torch.Tensor:
@@ -101,8 +104,9 @@ def background_z(stack: F32, floor: float, q: float) -> float:
 def normal_of(
     seeds: list[int], preset: Preset, stem: HistogramStem, config: PhantomConfig
 ) -> dict[int, tuple[torch.Tensor, F32]]:
-    """Each pair's finding-free half (model volume and stem cells), drawn once per seed: it is
-    the same patient for every label."""
+    """Finding-free patients (model volume and stem cells) by seed: the normal population of
+    the spread, and each pair's finding-free half, drawn once since it is the same patient for
+    every label."""
     out = {}
     for seed in seeds:
         x = model_volume(generate_phantom(preset.space.shape, preset.space.spacing_mm,
@@ -168,19 +172,15 @@ def main() -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
 
-    normals = [
-        stem_cells(model_volume(generate_phantom(preset.space.shape, preset.space.spacing_mm,
-                                                 seed=NORMAL_SEED0 + i, labels=[],
-                                                 config=config), preset), stem)
-        for i in range(args.normals)
-    ]
+    population = normal_of([NORMAL_SEED0 + i for i in range(args.normals)], preset, stem, config)
+    normals = [cells for _, cells in population.values()]
     cell_stack = np.stack(normals)
-    cell_sd = spread(cell_stack, 0.01)
-    region_sd = spread(np.stack([regions(c) for c in normals]), 0.001)
+    cell_sd = spread(cell_stack, CELL_FLOOR)
+    region_sd = spread(np.stack([regions(c) for c in normals]), REGION_FLOOR)
     cell_mm = tuple(p * s for p, s in zip(stem.pool, preset.space.spacing_mm, strict=True))
     print(f"{args.normals} normal patients in {time.perf_counter() - t0:.0f} s; stem cells "
           f"{stem.pool} voxels = {cell_mm} mm", flush=True)
-    bg = {q: background_z(cell_stack, 0.01, q) for q in (0.99, 0.999)}
+    bg = {q: background_z(cell_stack, CELL_FLOOR, q) for q in (0.99, 0.999)}
     print(f"a normal patient's cell z against the other normals: p99 {bg[0.99]:.2f}, "
           f"p99.9 {bg[0.999]:.2f} (of {cell_stack[0].size} cell-channels)", flush=True)
 
