@@ -102,6 +102,7 @@ ALIASES = {
     "norm": "model.backbone.norm",
     "channels": "model.backbone.channels",
     "blocks": "model.backbone.stage_blocks",
+    "stem_pool": "model.backbone.stem_pool",
 }
 
 
