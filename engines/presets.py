@@ -332,8 +332,10 @@ class LossConfig:
     # medical material at 0.988 where the embedding did not (0.55, with or without the depth
     # mean's gradient or the head's skip): it trains the tower's local CLS to carry the small
     # findings directly, and the prompts must then find them through the head
-    # (bench/RESULTS.md, "Supervising the tower's neck").
-    label_head_input: Literal["embedding", "neck"] = "embedding"
+    # (bench/RESULTS.md, "Supervising the tower's neck"). "neck_pool" reads the neck and the
+    # backbone's tokens mean-pooled over the volume, with their gradient, which bypasses the
+    # combiner (``RadFinder.encode_image``).
+    label_head_input: Literal["embedding", "neck", "neck_pool"] = "embedding"
 
 
 @dataclass(frozen=True)

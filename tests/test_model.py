@@ -402,7 +402,7 @@ def test_prompt_depth_mean_without_gradient_reads_it_but_trains_only_the_cls_rou
     torch.testing.assert_close(local, paper_local)  # the CLS route is untouched
 
 
-@pytest.mark.parametrize("where", ["embedding", "neck"])
+@pytest.mark.parametrize("where", ["embedding", "neck", "neck_pool"])
 def test_label_head_reads_the_embedding_or_the_neck_without_the_depth_means_gradient(
     where: str,
 ) -> None:
@@ -420,6 +420,11 @@ def test_label_head_reads_the_embedding_or_the_neck_without_the_depth_means_grad
         _, local_cls, _, mean_depth = model.head_inputs(x, valid)
         if where == "neck":
             want = model.label_head(torch.cat([local_cls, mean_depth], dim=1))
+        elif where == "neck_pool":  # and the backbone's tokens, averaged by hand
+            tokens = model.vision.backbone(x)
+            assert tokens.ndim == 5 and tokens.shape[1] == model.n_depth_tokens
+            pooled = tokens.mean(dim=(1, 2, 3))
+            want = model.label_head(torch.cat([local_cls, mean_depth, pooled], dim=1))
         else:
             want = model.label_head(F.normalize(out.image_embedding_local, dim=-1))
     torch.testing.assert_close(logits, want)
@@ -427,9 +432,20 @@ def test_label_head_reads_the_embedding_or_the_neck_without_the_depth_means_grad
     bn_local, bn_depth = model.feature_norm[1], model.feature_norm[2]
     assert bn_local.weight.grad is not None and bn_local.weight.grad.abs().sum() > 0
     depth_grad = bn_depth.weight.grad
-    if where == "neck":  # the depth mean is read but not trained through, nor is any head
+    if where != "embedding":  # the depth mean is read but not trained through, nor any head
         assert depth_grad is None or depth_grad.abs().sum() == 0
         assert model.image_head_local.last_weight.grad is None
+        # The pooled tokens reach the backbone without the combiner; the neck alone through it.
+        model.zero_grad(set_to_none=True)
+        label_input = model.encode_image(x, valid).label_input
+        assert label_input is not None
+        tokens = label_input[:, -model.vision.backbone.out_dim :]
+        tokens.sum().backward()  # type: ignore[no-untyped-call]
+        stem_conv = model.vision.backbone.stages[0][0].weight.grad
+        combiner = model.vision.combiner.axis_patch_proj.weight.grad
+        if where == "neck_pool":
+            assert stem_conv is not None and stem_conv.abs().sum() > 0
+            assert combiner is None or combiner.abs().sum() == 0
     else:
         assert depth_grad is not None and depth_grad.abs().sum() > 0
     assert small_model(SMALL, seed=5).encode_image(x, valid).label_input is None  # no head

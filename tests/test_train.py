@@ -153,7 +153,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("label_head_weight", "label_head_input"),
-    [(0.0, "embedding"), (1.0, "embedding"), (1.0, "neck")],
+    [(0.0, "embedding"), (1.0, "embedding"), (1.0, "neck"), (1.0, "neck_pool")],
 )
 def test_accumulation_with_gathered_embeddings_equals_one_big_batch(
     tower: TextTower, samples: list[Sample], label_head_weight: float, label_head_input: str

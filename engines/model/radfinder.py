@@ -222,10 +222,19 @@ class RadFinder(nn.Module):
         # Linear label logits (LossConfig.label_head_weight) from the normalised prompt-scored
         # embedding, the space the prompts score, or from the neck ("neck": the prompt-scored
         # head's input, its depth mean detached; LossConfig.label_head_input).
-        if label_head_input not in ("embedding", "neck"):
-            raise ValueError(f"label_head_input: embedding or neck, not {label_head_input!r}")
+        # "neck_pool" adds the backbone's tokens mean-pooled over valid depths and cells, with
+        # their gradient: the route a bare-backbone probe learned the diffuse lung labels on
+        # about three times faster than through the combiner (bench/RESULTS.md).
+        if label_head_input not in ("embedding", "neck", "neck_pool"):
+            raise ValueError(
+                f"label_head_input: embedding, neck or neck_pool, not {label_head_input!r}"
+            )
         self.label_head_input = label_head_input
-        label_dim = config.head.output_dim if label_head_input == "embedding" else vision_dim
+        label_dim = {
+            "embedding": config.head.output_dim,
+            "neck": vision_dim,
+            "neck_pool": vision_dim + self.vision.backbone.out_dim,
+        }[label_head_input]
         self.label_head = nn.Linear(label_dim, len(LABELS)) if label_head else None
         self.text = text_tower
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # t'
@@ -258,7 +267,7 @@ class RadFinder(nn.Module):
             depth_valid = torch.ones(
                 volume.shape[0], self.n_depth_tokens, dtype=torch.bool, device=volume.device
             )
-        cls, local_cls, per_depth, mean_depth = self.head_inputs(volume, depth_valid)
+        cls, local_cls, per_depth, mean_depth, tokens = self._features(volume, depth_valid)
         d = per_depth.shape[1]
         depth = self.image_head_local(
             torch.cat([local_cls[:, None].expand(-1, d, -1), per_depth], 2)
@@ -270,11 +279,12 @@ class RadFinder(nn.Module):
         image_local = self.image_head_local(torch.cat([local_cls, local_mean], dim=1))
         label_input: torch.Tensor | None = None
         if self.label_head is not None:
-            label_input = (
-                image_local
-                if self.label_head_input == "embedding"
-                else torch.cat([local_cls, mean_depth.detach()], dim=1)
-            )
+            if self.label_head_input == "embedding":
+                label_input = image_local
+            else:
+                label_input = torch.cat([local_cls, mean_depth.detach()], dim=1)
+                if self.label_head_input == "neck_pool":
+                    label_input = torch.cat([label_input, _valid_mean(tokens, depth_valid)], 1)
         return VisionOutput(image, image_local, depth, label_input)
 
     def head_inputs(
@@ -283,16 +293,20 @@ class RadFinder(nn.Module):
         """The tower's features after the neck, as the image heads read them: ``cls [B, E]``,
         ``local_cls [B, E]``, ``per_depth [B, D, E]`` and their mean over valid depths
         ``[B, E]``. Separate so probes can read what the heads are given."""
-        cls, local_cls, per_depth = self.vision(volume, depth_valid)
+        return self._features(volume, depth_valid)[:4]
+
+    def _features(
+        self, volume: torch.Tensor, depth_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head_inputs`` and the backbone's tokens ``[B, D, Gy, Gx, C]`` they came from."""
+        cls, local_cls, per_depth, tokens = self.vision.features(volume, depth_valid)
         if self.feature_norm is not None:
             bn_cls, bn_local, bn_depth = self.feature_norm
             cls, local_cls = bn_cls(cls), bn_local(local_cls)
             per_depth = bn_depth(per_depth.reshape(-1, per_depth.shape[-1])).reshape(
                 per_depth.shape
             )
-        w = depth_valid.to(per_depth.dtype)[..., None]
-        mean_depth = (per_depth * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-        return cls, local_cls, per_depth, mean_depth
+        return cls, local_cls, per_depth, _valid_mean(per_depth, depth_valid), tokens
 
     def label_logits(self, label_input: torch.Tensor | None) -> torch.Tensor | None:
         """The label head's logits ``[B, L]`` from ``VisionOutput.label_input``, or None for a
@@ -502,6 +516,14 @@ def export_vision_onnx(
     finally:
         model.train(was_training)
     return names
+
+
+def _valid_mean(x: torch.Tensor, depth_valid: torch.Tensor) -> torch.Tensor:
+    """``x [B, D, ...rest, C]`` averaged over the valid depths ``depth_valid [B, D]`` and the
+    ``rest`` axes -> ``[B, C]``."""
+    x = x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]).mean(dim=2)
+    w = depth_valid.to(x.dtype)[..., None]
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
 
 
 def build_model(

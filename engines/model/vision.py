@@ -395,6 +395,14 @@ class VisionTower(nn.Module):
     def forward(
         self, volume: torch.Tensor, depth_valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cls, local_cls, per_depth, _ = self.features(volume, depth_valid)
+        return cls, local_cls, per_depth
+
+    def features(
+        self, volume: torch.Tensor, depth_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``'s outputs and the backbone's tokens ``[B, D, Gy, Gx, C]`` the combiner
+        read, for a readout that bypasses the combiner."""
         expected = (1, *self.space.shape)
         stemmed = getattr(self.backbone, "stem_shape", None)
         if not torch.onnx.is_in_onnx_export() and tuple(volume.shape[1:]) not in (
@@ -402,7 +410,6 @@ class VisionTower(nn.Module):
             stemmed,
         ):
             raise ValueError(f"volume must be [B, {expected}], got {tuple(volume.shape)}")
-        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = self.combiner(
-            self.backbone(volume), depth_valid
-        )
-        return out
+        tokens = self.backbone(volume)
+        cls, local_cls, per_depth = self.combiner(tokens, depth_valid)
+        return cls, local_cls, per_depth, tokens
