@@ -56,7 +56,7 @@ def collect(
     classify_ens, locate_ens = prompts.ensemble()
     # One tower pass per batch: the combiner's outputs are caught on their way to the heads.
     caught: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    model.vision.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    model.vision.combiner.register_forward_hook(lambda _m, _i, out: caught.append(out))
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
     labels, probs, head = [], [], []
     for b in DataLoader(ds, batch_size=batch, collate_fn=collate):
