@@ -334,7 +334,9 @@ class LossConfig:
     # findings directly, and the prompts must then find them through the head
     # (bench/RESULTS.md, "Supervising the tower's neck"). "neck_pool" reads the neck and the
     # backbone's tokens mean-pooled over the volume, with their gradient, which bypasses the
-    # combiner (``RadFinder.encode_image``).
+    # combiner (``RadFinder.encode_image``); at 1,500 steps it was worse than "neck" (macro
+    # AUC 0.589 against 0.604, its head 0.601 against 0.661; bench/RESULTS.md, "Finer stem
+    # cells and a pooled-backbone label head").
     label_head_input: Literal["embedding", "neck", "neck_pool"] = "embedding"
 
 
